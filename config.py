@@ -1,0 +1,89 @@
+"""Every setting of the server: its environment variable, default and type, in one place.
+
+Nothing else reads the environment. `Settings.from_env()` is called once by the
+entry points (api.create_app / the rkllm-api command); everything else receives
+the Settings object.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields, replace
+from typing import Optional
+
+
+def _env_name(field_name: str) -> str:
+    return field_name.upper()
+
+
+def _parse(raw: str, kind, name: str):
+    if kind is bool or kind == "bool":
+        low = raw.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError(f"{name} must be a boolean, got {raw!r}")
+    if kind is int or kind == "int":
+        return int(raw)
+    if kind is float or kind == "float":
+        return float(raw)
+    return raw
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Each field is read from the environment variable of the same name in
+    upper case (e.g. `models_root` from RKLLM_MODELS_ROOT via `env` metadata)."""
+
+    # --- server ---
+    host: str = field(default="127.0.0.1", metadata={"env": "RKLLM_API_HOST"})
+    port: int = field(default=8000, metadata={"env": "RKLLM_API_PORT"})
+    max_request_bytes: int = field(default=50 * 1024 * 1024, metadata={"env": "MAX_REQUEST_BYTES"})
+    log_level: str = field(default="INFO", metadata={"env": "RKLLM_API_LOG_LEVEL"})
+    log_file: str = field(default="", metadata={"env": "RKLLM_API_LOG_FILE"})  # "" = no file
+    default_max_tokens: int = field(default=2048, metadata={"env": "DEFAULT_MAX_TOKENS"})
+
+    # --- registry ---
+    models_root: str = field(default="~/models", metadata={"env": "RKLLM_MODELS_ROOT"})
+    include_bundled_model: bool = field(default=True, metadata={"env": "RKLLM_BUNDLED_MODEL"})
+    default_context_length: int = field(default=4096, metadata={"env": "DEFAULT_CONTEXT_LENGTH"})
+
+    # --- runtime ---
+    rkllm_lib_path: str = field(default="", metadata={"env": "RKLLM_LIB_PATH"})
+    rkllm_abi: str = field(default="", metadata={"env": "RKLLM_ABI"})  # "", "1.2" or "1.3"
+    cpu_threads: int = field(default=0, metadata={"env": "CPU_THREADS"})  # 0 = all cores
+
+    # --- engine ---
+    idle_unload_seconds: float = field(default=300.0, metadata={"env": "IDLE_UNLOAD_TIMEOUT"})
+    queue_timeout_seconds: float = field(default=240.0, metadata={"env": "QUEUE_TIMEOUT"})
+    queue_max_length: int = field(default=16, metadata={"env": "QUEUE_MAX_LENGTH"})
+    first_token_timeout: float = field(default=300.0, metadata={"env": "FIRST_TOKEN_TIMEOUT"})
+    silence_timeout: float = field(default=20.0, metadata={"env": "FALLBACK_SILENCE"})
+    total_timeout: float = field(default=600.0, metadata={"env": "TOTAL_TIMEOUT"})
+    heartbeat_seconds: float = field(default=15.0, metadata={"env": "SSE_HEARTBEAT_SECONDS"})
+    repetition_window: int = field(default=200, metadata={"env": "REPETITION_WINDOW"})
+    repetition_threshold: int = field(default=3, metadata={"env": "REPETITION_THRESHOLD"})
+
+    # --- conversation ---
+
+    # --- clients ---
+
+    # --- rag ---
+
+    @classmethod
+    def from_env(cls, environ: Optional[dict] = None, **overrides) -> "Settings":
+        env = os.environ if environ is None else environ
+        values = {}
+        for f in fields(cls):
+            name = f.metadata.get("env", _env_name(f.name))
+            if name in env:
+                values[f.name] = _parse(env[name], f.type, name)
+        values.update(overrides)
+        return cls(**values)
+
+    def with_(self, **changes) -> "Settings":
+        return replace(self, **changes)
+
+    @property
+    def models_root_path(self) -> str:
+        return os.path.expanduser(self.models_root)

@@ -1,0 +1,151 @@
+"""The runtime protocol: what the engine asks of an inference backend.
+
+Two backends implement it: the NPU runtime (librkllmrt through ctypes, in
+rkllm_ctypes.py) and the CPU runtime (llama-cpp-python, in llamacpp_runtime.py).
+Both follow the NPU's semantics, so the engine and the HTTP layer never need to
+know which one they are driving. Nothing here imports Flask or ctypes.
+"""
+from __future__ import annotations
+
+import enum
+import os
+from dataclasses import dataclass, field, fields
+from typing import Callable, Optional, Protocol, runtime_checkable
+
+
+class EventKind(enum.Enum):
+    TEXT = "text"      # a piece of complete UTF-8 text
+    FINISH = "finish"  # the run ended normally (or by max_new_tokens / abort); carries perf
+    ERROR = "error"    # the runtime reported a failure; carries a message
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"        # the model ended its answer
+    LENGTH = "length"    # max_new_tokens (or the context) was reached
+    ABORTED = "aborted"  # abort() was called from another thread
+    ERROR = "error"      # the runtime failed
+
+
+class RunMode(enum.Enum):
+    GENERATE = "generate"
+    EMBED = "embed"  # last hidden layer, no generation
+
+
+@dataclass(frozen=True)
+class PerfStats:
+    prefill_ms: float = 0.0
+    prefill_tokens: int = 0
+    generate_ms: float = 0.0
+    generate_tokens: int = 0
+    memory_mb: float = 0.0
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling overrides; None means "the model's default"."""
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    top_k: Optional[int] = None
+    repeat_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    presence_penalty: Optional[float] = None
+    seed: Optional[int] = None
+
+    def given(self) -> dict:
+        """The fields the request actually set."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if getattr(self, f.name) is not None}
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    prompt: str
+    role: str = "user"                      # "user" or "tool"
+    keep_history: bool = False              # keep this turn and its answer in the KV cache
+    enable_thinking: bool = False
+    max_new_tokens: Optional[int] = None    # None: the runtime's configured default
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    prompt_cache_save_path: Optional[str] = None  # save the KV state after prefill to this file
+    lora_adapter: Optional[str] = None
+    mode: RunMode = RunMode.GENERATE
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    kind: EventKind
+    text: str = ""
+    perf: Optional[PerfStats] = None         # set on FINISH
+    error: Optional[str] = None              # set on ERROR
+    finish_reason: Optional[FinishReason] = None  # set on FINISH and ERROR
+
+
+@dataclass
+class RunResult:
+    """What run() returns once the run is over (after FINISH or ERROR was delivered)."""
+    text: str
+    finish_reason: FinishReason
+    perf: PerfStats
+    error: Optional[str] = None
+    # Sampling fields the request set that this runtime could not apply.
+    unapplied_sampling: tuple = ()
+    embedding: Optional[list] = None         # RunMode.EMBED only
+
+
+class RuntimeLoadError(Exception):
+    """A runtime could not be created or failed outside a run (bad library, bad model)."""
+
+
+EventSink = Callable[[TokenEvent], None]
+
+
+@runtime_checkable
+class Runtime(Protocol):
+    """One loaded model on one device. Not thread-safe except abort()."""
+
+    device: str          # "npu" or "cpu"
+    model_path: str
+    context_length: int
+
+    def run(self, request: RunRequest, on_event: EventSink) -> RunResult:
+        """Blocking: prefill the prompt and generate, calling on_event for every
+        TEXT piece, then exactly one FINISH or ERROR event, then return."""
+
+    def abort(self) -> None:
+        """From any thread: end the current run soon (FINISH with ABORTED)."""
+
+    def clear_kv_cache(self) -> None:
+        """Forget every kept turn."""
+
+    def load_prompt_cache(self, path: str) -> None:
+        """Restore a KV state saved through RunRequest.prompt_cache_save_path."""
+
+    def release_prompt_cache(self) -> None:
+        """Drop a loaded prompt cache."""
+
+    def count_tokens(self, text: str) -> Optional[int]:
+        """Tokens in text by the model's own tokenizer, or None when unknown."""
+
+    def close(self) -> None:
+        """Free the model. Safe to call twice."""
+
+
+MODEL_FILE_DEVICES = {".rkllm": "npu", ".gguf": "cpu"}
+
+
+def device_for_model_file(path: str) -> Optional[str]:
+    """The device a model file runs on, by its file type; None when unsupported."""
+    return MODEL_FILE_DEVICES.get(os.path.splitext(path)[1].lower())
+
+
+def open_runtime(model_path: str, *, context_length: int, settings=None) -> Runtime:
+    """Create the runtime a model file needs. Imports its backend lazily so a
+    CPU-only machine never needs librkllmrt and an NPU board never needs llama.cpp."""
+    device = device_for_model_file(model_path)
+    if device == "npu":
+        from rkllm_ctypes import RKLLMRuntime
+        return RKLLMRuntime(model_path, context_length=context_length, settings=settings)
+    if device == "cpu":
+        from llamacpp_runtime import LlamaCppRuntime
+        return LlamaCppRuntime(model_path, context_length=context_length, settings=settings)
+    raise RuntimeLoadError(f"unsupported model file type: {model_path} "
+                        f"(expected one of {', '.join(MODEL_FILE_DEVICES)})")
