@@ -42,11 +42,19 @@ class Settings:
     log_level: str = field(default="INFO", metadata={"env": "RKLLM_API_LOG_LEVEL"})
     log_file: str = field(default="", metadata={"env": "RKLLM_API_LOG_FILE"})  # "" = no file
     default_max_tokens: int = field(default=2048, metadata={"env": "DEFAULT_MAX_TOKENS"})
+    # gunicorn gthread threads: one streams while others wait in the engine's queue (or
+    # get a quick 503 when it is full), so keep this above queue_max_length + 1 or so.
+    server_threads: int = field(default=8, metadata={"env": "RKLLM_API_THREADS"})
 
     # --- registry ---
     models_root: str = field(default="~/models", metadata={"env": "RKLLM_MODELS_ROOT"})
     include_bundled_model: bool = field(default=True, metadata={"env": "RKLLM_BUNDLED_MODEL"})
     default_context_length: int = field(default=4096, metadata={"env": "DEFAULT_CONTEXT_LENGTH"})
+    # Model id or alias served when a request names none ("" = bundled model, else the first).
+    default_model: str = field(default="", metadata={"env": "DEFAULT_MODEL"})
+    # GGUF files often claim a huge training context; the KV cache for it costs RAM on a
+    # board, so a context length read from GGUF metadata is capped to this.
+    gguf_max_context_length: int = field(default=8192, metadata={"env": "GGUF_MAX_CONTEXT"})
 
     # --- runtime ---
     rkllm_lib_path: str = field(default="", metadata={"env": "RKLLM_LIB_PATH"})
@@ -65,10 +73,36 @@ class Settings:
     repetition_threshold: int = field(default=3, metadata={"env": "REPETITION_THRESHOLD"})
 
     # --- conversation ---
+    # Share of the context kept free for the current turn and the answer (prompts.py).
+    history_context_reserve: float = field(default=0.35, metadata={"env": "HISTORY_CONTEXT_RESERVE"})
+    # Characters kept of each prior assistant answer in the prompt; 0 = no cap.
+    assistant_history_cap: int = field(default=1500, metadata={"env": "ASSISTANT_HISTORY_CAP"})
+    # Estimated token counts are rough, so an estimated prompt may exceed the context
+    # by this factor before it is rejected; tokenizer counts get no tolerance.
+    context_overflow_tolerance: float = field(default=1.10, metadata={"env": "CONTEXT_OVERFLOW_TOLERANCE"})
 
     # --- clients ---
+    # Instant answers to Open WebUI background tasks (clients.instant_answer); each can
+    # be turned off so the model answers that task instead (thinking off, small budget).
+    shortcut_title: bool = field(default=True, metadata={"env": "OWUI_SHORTCUT_TITLE"})
+    shortcut_tags: bool = field(default=True, metadata={"env": "OWUI_SHORTCUT_TAGS"})
+    shortcut_queries: bool = field(default=True, metadata={"env": "OWUI_SHORTCUT_QUERIES"})
 
     # --- rag ---
+    # Paragraph scores (rag.score_paragraph): good prose without a query word tops
+    # out at 2.5, each matched query word adds 1.5.
+    rag_min_quality_score: float = field(default=2.0, metadata={"env": "RAG_MIN_QUALITY_SCORE"})
+    rag_quality_floor_threshold: float = field(default=3.0, metadata={"env": "RAG_QUALITY_FLOOR_THRESHOLD"})
+    rag_max_paragraphs: int = field(default=10, metadata={"env": "RAG_MAX_PARAGRAPHS"})
+    rag_dedup_threshold: float = field(default=0.70, metadata={"env": "RAG_DEDUP_THRESHOLD"})  # Jaccard
+    rag_cache_ttl: float = field(default=300.0, metadata={"env": "RAG_CACHE_TTL"})  # 0 = no cache
+    rag_cache_size: int = field(default=50, metadata={"env": "RAG_CACHE_SIZE"})
+    rag_below_ctx: int = field(default=8192, metadata={"env": "RAG_BELOW_CTX"})  # thinking off below
+    rag_max_context_chars: int = field(default=12000, metadata={"env": "RAG_MAX_CONTEXT_CHARS"})
+    rag_context_share: float = field(default=0.5, metadata={"env": "RAG_CONTEXT_SHARE"})  # of the window
+    rag_menu_run_lines: int = field(default=4, metadata={"env": "RAG_MENU_RUN_LINES"})
+    rag_menu_line_chars: int = field(default=30, metadata={"env": "RAG_MENU_LINE_CHARS"})
+    rag_min_line_chars: int = field(default=40, metadata={"env": "RAG_MIN_LINE_CHARS"})
 
     @classmethod
     def from_env(cls, environ: Optional[dict] = None, **overrides) -> "Settings":

@@ -1,0 +1,315 @@
+"""OpenAI messages -> the plain-text prompt a runtime wraps in its chat template.
+
+The runtime applies the model's own template to what we send (and treats special
+tokens written as text as plain text), so the prompt is readable text: the system
+text, then, when there is history, every message labelled `User:` / `Assistant:`
+with a blank line between them, ending with the newest user (or tool) turn.
+Special tokens found in client text are removed.
+
+Besides the full prompt, `BuiltPrompt` carries what the engine needs to reuse the
+KV cache across turns (issue 4): the new part of the conversation (`tail_text`)
+and normalized keys of the conversation before and including it.
+
+Token counts come from the runtime's tokenizer when it offers one
+(`count_tokens(text) -> int | None`), otherwise from an estimate of one token per
+3.5 characters (English prose averages about 4 characters per token with the
+tokenizers of the models we run; code and other languages use more tokens, so the
+estimate leans high). Estimated prompts may exceed the context by the settings'
+context_overflow_tolerance (1.10) before they are rejected, because the estimate
+is rough; counted prompts must leave at least one token for the answer.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import thinking
+import tools
+
+CHARS_PER_TOKEN = 3.5
+_SYSTEM_ROLES = ("system", "developer")
+_TOOL_ROLES = ("tool", "function")
+_ROLES = _SYSTEM_ROLES + _TOOL_ROLES + ("user", "assistant")
+
+# Chat-template control tokens of the model families we serve. Written as text
+# they would not be special to the runtime, but they confuse the model.
+_SPECIAL_TOKENS = re.compile(
+    r"<\|[^<>|\s]{1,40}\|>"                 # <|im_start|>, <|eot_id|>, <|endoftext|>
+    r"|<\uff5c[^<>\uff5c]{1,40}\uff5c>"     # DeepSeek's full-width bars
+    r"|</?s>|\[/?INST\]|<</?SYS>>"          # Llama 2 / Mistral
+    r"|<start_of_turn>|<end_of_turn>|<bos>|<eos>")  # Gemma
+
+
+class PromptTooLong(ValueError):
+    """The prompt does not fit the context even after dropping old turns."""
+
+    def __init__(self, prompt_tokens: int, context_length: int, estimated: bool):
+        self.prompt_tokens = prompt_tokens
+        self.context_length = context_length
+        self.estimated = estimated
+        how = "about " if estimated else ""
+        super().__init__(f"This model's context length is {context_length} tokens, but the "
+                         f"prompt is {how}{prompt_tokens} tokens even after dropping older "
+                         f"messages. Shorten the messages.")
+
+
+@dataclass(frozen=True)
+class BuiltPrompt:
+    text: str                 # the whole prompt, for a fresh KV cache
+    system: str               # the system text (also at the top of text)
+    conversation_text: str    # text without the system part
+    tail_text: str            # what is new since the last assistant message
+    tail_role: str            # "user" or "tool"
+    prompt_tokens: int
+    tail_tokens: int
+    tokens_estimated: bool
+    history_key: tuple        # the conversation before the tail, normalized
+    full_key: tuple           # history_key + the tail
+    dropped_turns: int = 0
+    standalone: bool = False  # completions: no KV reuse, no kept history
+
+    def key_after_answer(self, content: str, tool_calls: Optional[list] = None) -> tuple:
+        """What the KV cache holds once this prompt was answered with content
+        (the content part of the answer) and tool_calls (parsed calls or None)."""
+        return self.full_key + (_assistant_entry(content, tool_calls),)
+
+
+def estimate_tokens(text: str) -> int:
+    return math.ceil(len(text) / CHARS_PER_TOKEN)
+
+
+def strip_special_tokens(text: str) -> str:
+    return _SPECIAL_TOKENS.sub("", text)
+
+
+def _normalize(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _assistant_entry(content: str, tool_calls) -> tuple:
+    text = thinking.strip_think(strip_special_tokens(content or ""))
+    return ("assistant", _normalize(text), tools.canonical_tool_calls(tool_calls or []))
+
+
+@dataclass(frozen=True)
+class _Message:
+    role: str                 # "system", "user", "assistant" or "tool"
+    text: str                 # cleaned content (assistant: reasoning removed, not capped)
+    calls_text: str = ""      # assistant: tool calls in the model's syntax
+    name: str = ""            # tool: the function whose result this is
+    key: tuple = ()           # normalized form for the KV keys
+
+
+class PromptBuilder:
+    def __init__(self, settings=None):
+        if settings is None:
+            from config import Settings
+            settings = Settings()
+        self._reserve_share = settings.history_context_reserve
+        self._assistant_cap = settings.assistant_history_cap
+        self._tolerance = settings.context_overflow_tolerance
+
+    # -- chat -----------------------------------------------------------------
+
+    def build_chat(self, messages, *, context_length: int, max_new_tokens: Optional[int] = None,
+                   count_tokens: Optional[Callable] = None, tools_prompt: str = "") -> BuiltPrompt:
+        parsed = parse_messages(messages)
+        system = "\n\n".join(m.text for m in parsed if m.role == "system" and m.text)
+        if tools_prompt:
+            system = f"{system}\n\n{tools_prompt}" if system else tools_prompt
+        turns = [m for m in parsed if m.role != "system"]
+        last_answer = max((i for i, m in enumerate(turns) if m.role == "assistant"), default=-1)
+        history, tail = turns[:last_answer + 1], turns[last_answer + 1:]
+
+        counter = _Counter(count_tokens)
+        groups = _group_turns(turns)
+        kept, dropped = self._window(system, groups, context_length, max_new_tokens, counter)
+        conversation = self._render(sum(kept, []), labelled=len(turns) > 1 or dropped > 0)
+        text = "\n\n".join(part for part in (system, conversation) if part)
+        prompt_tokens = counter.count(text)
+        self._check_fits(prompt_tokens, context_length, counter.estimated)
+
+        tail_role = "tool" if tail and all(m.role == "tool" for m in tail) else "user"
+        # A tool tail goes to the runtime's tool role, which frames results itself.
+        tail_text = "\n\n".join(m.text if tail_role == "tool" else self._body(m)
+                                for m in tail if m.text)
+        history_key = (("system", _normalize(system)),) + tuple(m.key for m in history)
+        return BuiltPrompt(
+            text=text, system=system, conversation_text=conversation,
+            tail_text=tail_text, tail_role=tail_role,
+            prompt_tokens=prompt_tokens,
+            tail_tokens=counter.count(tail_text) if tail_text else 0,
+            tokens_estimated=counter.estimated,
+            history_key=history_key,
+            full_key=history_key + tuple(m.key for m in tail),
+            dropped_turns=dropped)
+
+    def _window(self, system: str, groups: list, context_length: int,
+                max_new_tokens: Optional[int], counter: "_Counter") -> tuple:
+        """Drop the oldest turns until the prompt leaves the reserve free. The
+        last turn (the newest user message and what follows it) always stays."""
+        sizes = [counter.count(self._render(g, labelled=True)) for g in groups]
+        fixed = (counter.count(system) if system else 0) + (sizes[-1] if sizes else 0)
+        reserve = math.ceil(self._reserve_share * context_length)
+        if max_new_tokens:
+            reserve = max(reserve, min(max_new_tokens, context_length - fixed))
+        budget = context_length - reserve
+        dropped = 0
+        while dropped < len(groups) - 1 and fixed + sum(sizes[dropped:-1]) > budget:
+            dropped += 1
+        return groups[dropped:], dropped
+
+    def _check_fits(self, prompt_tokens: int, context_length: int, estimated: bool) -> None:
+        limit = context_length * self._tolerance if estimated else context_length - 1
+        if prompt_tokens > limit:
+            raise PromptTooLong(prompt_tokens, context_length, estimated)
+
+    def _render(self, turns: list, labelled: bool) -> str:
+        if not labelled:
+            return "\n\n".join(self._body(m) for m in turns if self._body(m))
+        return "\n\n".join(f"{_label(m)}{self._body(m)}" for m in turns)
+
+    def _body(self, message: _Message) -> str:
+        if message.role == "tool":
+            return tools.render_tool_result(message.text, message.name)
+        if message.role != "assistant":
+            return message.text
+        text = cap_text(message.text, self._assistant_cap)
+        return "\n".join(part for part in (text, message.calls_text) if part)
+
+    # -- completions --------------------------------------------------------
+
+    def build_completion(self, prompt, *, context_length: int, max_new_tokens: Optional[int] = None,
+                         count_tokens: Optional[Callable] = None) -> BuiltPrompt:
+        """/v1/completions: the prompt string as it is (special tokens removed).
+        Standalone: the engine neither reuses nor keeps the KV cache for it."""
+        if isinstance(prompt, list) and len(prompt) == 1:
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            raise ValueError("prompt must be a string (token arrays and batches are not supported)")
+        text = strip_special_tokens(prompt)
+        counter = _Counter(count_tokens)
+        tokens = counter.count(text)
+        self._check_fits(tokens, context_length, counter.estimated)
+        key = (("prompt", _normalize(text)),)
+        return BuiltPrompt(text=text, system="", conversation_text=text, tail_text=text,
+                           tail_role="user", prompt_tokens=tokens, tail_tokens=tokens,
+                           tokens_estimated=counter.estimated, history_key=(),
+                           full_key=key, standalone=True)
+
+
+def _label(message: _Message) -> str:
+    if message.role == "tool":
+        return f"Tool result ({message.name}):\n" if message.name else "Tool result:\n"
+    return "User: " if message.role == "user" else "Assistant: "
+
+
+class _Counter:
+    """Counts with the runtime's tokenizer when it answers, else estimates."""
+
+    def __init__(self, count_tokens: Optional[Callable]):
+        self._count = count_tokens
+        self.estimated = False
+
+    def count(self, text: str) -> int:
+        counted = self._count(text) if self._count else None
+        if counted is None:
+            self.estimated = True
+            return estimate_tokens(text)
+        return counted
+
+
+def cap_text(text: str, limit: int) -> str:
+    """text cut to at most limit characters at a word boundary, with an ellipsis."""
+    if limit <= 0 or len(text) <= limit:
+        return text
+    cut = text[:limit - 1]
+    space = max(cut.rfind(" "), cut.rfind("\n"))
+    if space > limit // 2:
+        cut = cut[:space]
+    return cut.rstrip() + "\u2026"
+
+
+def _group_turns(turns: list) -> list:
+    """Messages grouped into turns, each starting at a user message."""
+    groups: list = []
+    for message in turns:
+        if message.role == "user" or not groups:
+            groups.append([message])
+        else:
+            groups[-1].append(message)
+    return groups
+
+
+# -- message parsing ---------------------------------------------------------
+
+def parse_messages(messages) -> list:
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("messages must be a non-empty array")
+    parsed, call_names = [], {}
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise ValueError(f"{where} must be an object")
+        role = message.get("role")
+        if role not in _ROLES:
+            raise ValueError(f"{where}.role must be one of {', '.join(_ROLES)}")
+        text, images = _content_text(message.get("content"), where)
+        if role in _SYSTEM_ROLES:
+            parsed.append(_Message("system", text.strip()))
+        elif role == "user":
+            text, _ = thinking.remove_soft_switches(text)
+            parsed.append(_Message("user", text.strip(), key=("user", _normalize(text), images)))
+        elif role == "assistant":
+            parsed.append(_assistant_message(message, text, where, call_names))
+        else:
+            name = message.get("name") or call_names.get(message.get("tool_call_id"), "")
+            parsed.append(_Message("tool", text.strip(), name=name if isinstance(name, str) else "",
+                                   key=("tool", _normalize(text))))
+    return parsed
+
+
+def _assistant_message(message: dict, text: str, where: str, call_names: dict) -> _Message:
+    calls = message.get("tool_calls")
+    if calls is None and isinstance(message.get("function_call"), dict):
+        calls = [{"function": message["function_call"]}]   # the legacy single call
+    calls = calls or []
+    try:
+        calls_text = tools.render_tool_calls_for_history(calls)
+    except ValueError as error:
+        raise ValueError(f"{where}.{error}") from None
+    for call in calls:
+        if isinstance(call, dict) and call.get("id"):
+            call_names[call["id"]] = call["function"]["name"]
+    answer = thinking.strip_think(text)
+    return _Message("assistant", answer, calls_text, key=_assistant_entry(text, calls))
+
+
+def _content_text(content, where: str) -> tuple:
+    """(text, image digests) of a message content: string, null or parts."""
+    if content is None:
+        return "", ()
+    if isinstance(content, str):
+        return strip_special_tokens(content), ()
+    if not isinstance(content, list):
+        raise ValueError(f"{where}.content must be a string or an array of parts")
+    texts, images = [], []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in ("text", "input_text", "refusal"):
+            value = part.get(kind if kind == "refusal" else "text")
+            if not isinstance(value, str):
+                raise ValueError(f"{where}.content[{j}].text must be a string")
+            texts.append(strip_special_tokens(value))
+        elif kind in ("image_url", "input_image", "image"):
+            images.append(_digest(part))   # images are vision.py's business
+        else:
+            raise ValueError(f"{where}.content[{j}].type must be 'text' or 'image_url'")
+    return "\n".join(texts), tuple(images)
+
+
+def _digest(part: dict) -> str:
+    return hashlib.sha1(repr(sorted(part.items())).encode()).hexdigest()[:16]
