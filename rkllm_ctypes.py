@@ -1,0 +1,1091 @@
+"""librkllmrt (Rockchip NPU LLM runtime) through ctypes, and the NPU Runtime.
+
+Two generations of the library exist (1.2.x and 1.3.x) that export the same
+symbol names but lay out their structs differently and take a different third
+argument in rkllm_init. Binding one generation's structs to the other's library
+corrupts memory silently, so this module knows which generation it speaks
+before the first call: from RKLLM_ABI, or from the version text embedded in the
+library file. It refuses rather than guesses.
+
+Layout of the module:
+  1. enums and structs, declared once per generation (from the project's ABI notes)
+  2. the C functions: one declaration per function, its prototype in a comment,
+     argtypes/restype set once, a typed Python wrapper (one class per generation)
+  3. finding the library and telling its generation
+  4. RKLLMRuntime: the `runtime.Runtime` for .rkllm models
+"""
+from __future__ import annotations
+
+import codecs
+import ctypes
+import ctypes.util
+import enum
+import logging
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+from runtime import (EventKind, EventSink, FinishReason, PerfStats, RunMode, RunRequest,
+                     RunResult, RuntimeLoadError, SamplingParams, TokenEvent)
+
+log = logging.getLogger(__name__)
+
+# =============================================================== 1. types
+
+
+class LLMCallState(enum.IntEnum):
+    NORMAL = 0
+    WAITING = 1   # the text is a partial UTF-8 sequence: join it with what follows
+    FINISH = 2
+    ERROR = 3
+
+
+class RKLLMInputType(enum.IntEnum):
+    PROMPT = 0
+    TOKEN = 1
+    EMBED = 2
+    MULTIMODAL = 3
+
+
+class RKLLMInferMode(enum.IntEnum):
+    GENERATE = 0
+    GET_LAST_HIDDEN_LAYER = 1
+    GET_LOGITS = 2
+
+
+LLMHandle = ctypes.c_void_p
+
+# --- structs shared by both generations
+
+
+class RKLLMExtendParam(ctypes.Structure):
+    _fields_ = [
+        ("base_domain_id", ctypes.c_int32),   # distinct per resident model
+        ("embed_flash", ctypes.c_int8),       # keep the embedding table in flash, not RAM
+        ("enabled_cpus_num", ctypes.c_int8),
+        ("enabled_cpus_mask", ctypes.c_uint32),
+        ("n_batch", ctypes.c_uint8),
+        ("use_cross_attn", ctypes.c_int8),
+        ("reserved", ctypes.c_uint8 * 104),
+    ]
+
+
+class RKLLMLoraAdapter(ctypes.Structure):
+    _fields_ = [
+        ("lora_adapter_path", ctypes.c_char_p),
+        ("lora_adapter_name", ctypes.c_char_p),
+        ("scale", ctypes.c_float),
+    ]
+
+
+class RKLLMEmbedInput(ctypes.Structure):
+    _fields_ = [("embed", ctypes.POINTER(ctypes.c_float)), ("n_tokens", ctypes.c_size_t)]
+
+
+class RKLLMTokenInput(ctypes.Structure):
+    _fields_ = [("input_ids", ctypes.POINTER(ctypes.c_int32)), ("n_tokens", ctypes.c_size_t)]
+
+
+class RKLLMLoraParam(ctypes.Structure):
+    _fields_ = [("lora_adapter_name", ctypes.c_char_p)]
+
+
+class RKLLMPromptCacheParam(ctypes.Structure):
+    _fields_ = [("save_prompt_cache", ctypes.c_int), ("prompt_cache_path", ctypes.c_char_p)]
+
+
+class RKLLMResultLastHiddenLayer(ctypes.Structure):
+    _fields_ = [
+        ("hidden_states", ctypes.POINTER(ctypes.c_float)),  # num_tokens rows of embd_size
+        ("embd_size", ctypes.c_int),
+        ("num_tokens", ctypes.c_int),
+    ]
+
+
+class RKLLMResultLogits(ctypes.Structure):
+    _fields_ = [
+        ("logits", ctypes.POINTER(ctypes.c_float)),
+        ("vocab_size", ctypes.c_int),
+        ("num_tokens", ctypes.c_int),
+    ]
+
+
+class RKLLMPerfStat(ctypes.Structure):
+    _fields_ = [
+        ("prefill_time_ms", ctypes.c_float),
+        ("prefill_tokens", ctypes.c_int),
+        ("generate_time_ms", ctypes.c_float),
+        ("generate_tokens", ctypes.c_int),
+        ("memory_usage_mb", ctypes.c_float),
+    ]
+
+
+class RKLLMResult(ctypes.Structure):
+    _fields_ = [
+        ("text", ctypes.c_char_p),
+        ("token_id", ctypes.c_int32),
+        ("last_hidden_layer", RKLLMResultLastHiddenLayer),
+        ("logits", RKLLMResultLogits),
+        ("perf", RKLLMPerfStat),
+    ]
+
+
+# int (*LLMResultCallback)(RKLLMResult* result, void* userdata, LLMCallState state);
+# The result arrives as a bare address: per token the binding reads only the
+# text pointer at offset 0, which is cheaper than building a POINTER object.
+LLMResultCallback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int)
+
+# --- generation 1.2.x
+
+
+class RKLLMParam_1_2(ctypes.Structure):
+    _fields_ = [
+        ("model_path", ctypes.c_char_p),
+        ("max_context_len", ctypes.c_int32),
+        ("max_new_tokens", ctypes.c_int32),
+        ("top_k", ctypes.c_int32),
+        ("n_keep", ctypes.c_int32),
+        ("top_p", ctypes.c_float),
+        ("temperature", ctypes.c_float),
+        ("repeat_penalty", ctypes.c_float),
+        ("frequency_penalty", ctypes.c_float),
+        ("presence_penalty", ctypes.c_float),
+        ("mirostat", ctypes.c_int32),
+        ("mirostat_tau", ctypes.c_float),
+        ("mirostat_eta", ctypes.c_float),
+        ("skip_special_token", ctypes.c_bool),
+        ("is_async", ctypes.c_bool),
+        ("img_start", ctypes.c_char_p),
+        ("img_end", ctypes.c_char_p),
+        ("img_content", ctypes.c_char_p),
+        ("extend_param", RKLLMExtendParam),
+    ]
+
+
+class RKLLMMultiModalInput_1_2(ctypes.Structure):
+    _fields_ = [
+        ("prompt", ctypes.c_char_p),
+        ("image_embed", ctypes.POINTER(ctypes.c_float)),
+        ("n_image_tokens", ctypes.c_size_t),
+        ("n_image", ctypes.c_size_t),
+        ("image_width", ctypes.c_size_t),
+        ("image_height", ctypes.c_size_t),
+    ]
+
+
+class RKLLMInputPayload_1_2(ctypes.Union):
+    _fields_ = [
+        ("prompt_input", ctypes.c_char_p),
+        ("embed_input", RKLLMEmbedInput),
+        ("token_input", RKLLMTokenInput),
+        ("multimodal_input", RKLLMMultiModalInput_1_2),
+    ]
+
+
+class RKLLMInput_1_2(ctypes.Structure):
+    _anonymous_ = ("payload",)
+    _fields_ = [
+        ("role", ctypes.c_char_p),
+        ("enable_thinking", ctypes.c_bool),
+        ("input_type", ctypes.c_int),
+        ("payload", RKLLMInputPayload_1_2),
+    ]
+
+
+class RKLLMInferParam_1_2(ctypes.Structure):
+    _fields_ = [
+        ("mode", ctypes.c_int),
+        ("lora_params", ctypes.POINTER(RKLLMLoraParam)),
+        ("prompt_cache_params", ctypes.POINTER(RKLLMPromptCacheParam)),
+        ("keep_history", ctypes.c_int),
+    ]
+
+# --- generation 1.3.x
+
+
+class RKLLMParam_1_3(ctypes.Structure):
+    _fields_ = [
+        ("model_path", ctypes.c_char_p),
+        ("max_context_len", ctypes.c_int32),
+        ("max_new_tokens", ctypes.c_int32),
+        ("top_k", ctypes.c_int32),
+        ("n_keep", ctypes.c_int32),
+        ("top_p", ctypes.c_float),
+        ("temperature", ctypes.c_float),
+        ("repeat_penalty", ctypes.c_float),
+        ("frequency_penalty", ctypes.c_float),
+        ("presence_penalty", ctypes.c_float),
+        ("mirostat", ctypes.c_int32),
+        ("mirostat_tau", ctypes.c_float),
+        ("mirostat_eta", ctypes.c_float),
+        ("skip_special_token", ctypes.c_bool),
+        ("ignore_eos_token", ctypes.c_bool),
+        ("is_async", ctypes.c_bool),
+        ("extend_param", RKLLMExtendParam),
+    ]
+
+
+class RKLLMImageInput_1_3(ctypes.Structure):
+    _fields_ = [
+        ("image_embed", ctypes.POINTER(ctypes.c_float)),
+        ("n_image_tokens", ctypes.c_size_t),
+        ("n_image", ctypes.c_size_t),
+        ("image_start", ctypes.c_char_p),
+        ("image_end", ctypes.c_char_p),
+        ("image_content", ctypes.c_char_p),
+        ("image_width", ctypes.c_size_t),
+        ("image_height", ctypes.c_size_t),
+    ]
+
+
+class RKLLMVideoInput_1_3(ctypes.Structure):
+    _fields_ = [
+        ("video_embed", ctypes.POINTER(ctypes.c_float)),
+        ("n_frame_tokens", ctypes.c_size_t),
+        ("n_frame_per_video", ctypes.c_size_t),
+        ("n_video", ctypes.c_size_t),
+        ("video_start", ctypes.c_char_p),
+        ("video_end", ctypes.c_char_p),
+        ("video_content", ctypes.c_char_p),
+        ("frame_width", ctypes.c_size_t),
+        ("frame_height", ctypes.c_size_t),
+    ]
+
+
+class RKLLMMultiModalInput_1_3(ctypes.Structure):
+    _fields_ = [
+        ("prompt", ctypes.c_char_p),
+        ("image", RKLLMImageInput_1_3),
+        ("video", RKLLMVideoInput_1_3),
+    ]
+
+
+class RKLLMInputPayload_1_3(ctypes.Union):
+    _fields_ = [
+        ("prompt_input", ctypes.c_char_p),
+        ("embed_input", RKLLMEmbedInput),
+        ("token_input", RKLLMTokenInput),
+        ("multimodal_input", RKLLMMultiModalInput_1_3),
+    ]
+
+
+class RKLLMInput_1_3(ctypes.Structure):
+    _anonymous_ = ("payload",)
+    _fields_ = [
+        ("role", ctypes.c_char_p),
+        ("enable_thinking", ctypes.c_bool),
+        ("input_type", ctypes.c_int),
+        ("payload", RKLLMInputPayload_1_3),
+    ]
+
+
+class RKLLMSamplingParam_1_3(ctypes.Structure):
+    _fields_ = [
+        ("top_k", ctypes.c_int32),
+        ("top_p", ctypes.c_float),
+        ("temperature", ctypes.c_float),
+        ("repeat_penalty", ctypes.c_float),
+        ("frequency_penalty", ctypes.c_float),
+        ("presence_penalty", ctypes.c_float),
+        ("mirostat", ctypes.c_int32),
+        ("mirostat_tau", ctypes.c_float),
+        ("mirostat_eta", ctypes.c_float),
+    ]
+
+
+class RKLLMInferParam_1_3(ctypes.Structure):
+    _fields_ = [
+        ("mode", ctypes.c_int),
+        ("lora_params", ctypes.POINTER(RKLLMLoraParam)),
+        ("prompt_cache_params", ctypes.POINTER(RKLLMPromptCacheParam)),
+        ("sampling_params", ctypes.POINTER(RKLLMSamplingParam_1_3)),
+        ("keep_history", ctypes.c_int),
+        ("max_new_tokens", ctypes.c_int32),  # <= 0: the value given at init
+    ]
+
+
+class RKLLMCallback_1_3(ctypes.Structure):
+    _fields_ = [
+        ("result_callback", LLMResultCallback),
+        ("result_userdata", ctypes.c_void_p),
+        ("tokenizer_callback", ctypes.c_void_p),  # optional, NULL
+        ("tokenizer_userdata", ctypes.c_void_p),
+        ("embed_callback", ctypes.c_void_p),      # optional, NULL
+        ("embed_userdata", ctypes.c_void_p),
+    ]
+
+
+# ==================================================== 2. the C functions
+
+
+@dataclass(frozen=True)
+class _CDeclaration:
+    name: str
+    argtypes: tuple
+    restype: object
+    optional: bool  # absent from some releases of the generation
+
+
+def _c_function(name: str, argtypes: list, restype, *, optional: bool = False):
+    """Marks a wrapper method with the C function it calls; the library class sets
+    argtypes/restype on that function once, when it binds the library."""
+    def mark(wrapper):
+        wrapper.c_declaration = _CDeclaration(name, tuple(argtypes), restype, optional)
+        return wrapper
+    return mark
+
+
+class LibrkllmrtBase:
+    """The functions whose prototypes both generations share."""
+
+    abi = ""
+    Param: type = ctypes.Structure
+    Input: type = ctypes.Structure
+    InferParam: type = ctypes.Structure
+
+    def __init__(self, cdll: ctypes.CDLL, path: str):
+        self.path = path
+        self._c = cdll
+        self.missing: set = set()
+        for declaration in self._declarations():
+            try:
+                function = getattr(cdll, declaration.name)
+            except AttributeError:
+                if declaration.optional:
+                    self.missing.add(declaration.name)
+                    continue
+                raise RuntimeLoadError(f"{path} does not export {declaration.name}: "
+                                       "is it really librkllmrt?") from None
+            function.argtypes = list(declaration.argtypes)
+            function.restype = declaration.restype
+
+    @classmethod
+    def _declarations(cls) -> list:
+        """Each C function once; a generation's own declaration wins over the base."""
+        found = {}
+        for klass in cls.__mro__:
+            for value in vars(klass).values():
+                declaration = getattr(value, "c_declaration", None)
+                if declaration is not None:
+                    found.setdefault(declaration.name, declaration)
+        return list(found.values())
+
+    def has(self, name: str) -> bool:
+        return name not in self.missing
+
+    def _require(self, name: str):
+        if name in self.missing:
+            raise RuntimeLoadError(f"{self.path} (ABI {self.abi}) lacks {name}")
+        return getattr(self._c, name)
+
+    # int rkllm_destroy(LLMHandle handle);
+    @_c_function("rkllm_destroy", [LLMHandle], ctypes.c_int)
+    def rkllm_destroy(self, handle: LLMHandle) -> int:
+        return self._c.rkllm_destroy(handle)
+
+    # int rkllm_load_lora(LLMHandle handle, RKLLMLoraAdapter* lora_adapter);
+    @_c_function("rkllm_load_lora", [LLMHandle, ctypes.POINTER(RKLLMLoraAdapter)], ctypes.c_int)
+    def rkllm_load_lora(self, handle: LLMHandle, adapter) -> int:
+        return self._c.rkllm_load_lora(handle, adapter)
+
+    # int rkllm_load_prompt_cache(LLMHandle handle, const char* prompt_cache_path);
+    @_c_function("rkllm_load_prompt_cache", [LLMHandle, ctypes.c_char_p], ctypes.c_int)
+    def rkllm_load_prompt_cache(self, handle: LLMHandle, path: bytes) -> int:
+        return self._c.rkllm_load_prompt_cache(handle, path)
+
+    # int rkllm_release_prompt_cache(LLMHandle handle);
+    @_c_function("rkllm_release_prompt_cache", [LLMHandle], ctypes.c_int)
+    def rkllm_release_prompt_cache(self, handle: LLMHandle) -> int:
+        return self._c.rkllm_release_prompt_cache(handle)
+
+    # int rkllm_abort(LLMHandle handle);
+    @_c_function("rkllm_abort", [LLMHandle], ctypes.c_int)
+    def rkllm_abort(self, handle: LLMHandle) -> int:
+        return self._c.rkllm_abort(handle)
+
+    # int rkllm_is_running(LLMHandle handle);   (meaning of the result differs by generation)
+    @_c_function("rkllm_is_running", [LLMHandle], ctypes.c_int)
+    def rkllm_is_running(self, handle: LLMHandle) -> int:
+        return self._c.rkllm_is_running(handle)
+
+    def is_running(self, handle: LLMHandle) -> bool:
+        raise NotImplementedError
+
+    # int rkllm_clear_kv_cache(LLMHandle handle, int keep_system_prompt,
+    #                          int* start_pos, int* end_pos);
+    @_c_function("rkllm_clear_kv_cache",
+                 [LLMHandle, ctypes.c_int, ctypes.POINTER(ctypes.c_int),
+                  ctypes.POINTER(ctypes.c_int)],
+                 ctypes.c_int)
+    def rkllm_clear_kv_cache(self, handle: LLMHandle, keep_system_prompt: int,
+                             start_pos=None, end_pos=None) -> int:
+        return self._c.rkllm_clear_kv_cache(handle, keep_system_prompt, start_pos, end_pos)
+
+    # int rkllm_get_kv_cache_size(LLMHandle handle, int* cache_sizes);
+    @_c_function("rkllm_get_kv_cache_size", [LLMHandle, ctypes.POINTER(ctypes.c_int)],
+                 ctypes.c_int, optional=True)
+    def rkllm_get_kv_cache_size(self, handle: LLMHandle, cache_sizes) -> int:
+        return self._require("rkllm_get_kv_cache_size")(handle, cache_sizes)
+
+    # int rkllm_set_chat_template(LLMHandle handle, const char* system_prompt,
+    #                             const char* prompt_prefix, const char* prompt_postfix);
+    @_c_function("rkllm_set_chat_template",
+                 [LLMHandle, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p], ctypes.c_int,
+                 optional=True)
+    def rkllm_set_chat_template(self, handle: LLMHandle, system_prompt: bytes,
+                                prompt_prefix: bytes, prompt_postfix: bytes) -> int:
+        return self._require("rkllm_set_chat_template")(
+            handle, system_prompt, prompt_prefix, prompt_postfix)
+
+    # int rkllm_set_function_tools(LLMHandle handle, const char* system_prompt,
+    #                              const char* tools, const char* tool_response_str);
+    @_c_function("rkllm_set_function_tools",
+                 [LLMHandle, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p], ctypes.c_int,
+                 optional=True)
+    def rkllm_set_function_tools(self, handle: LLMHandle, system_prompt: bytes, tools: bytes,
+                                 tool_response_str: bytes) -> int:
+        return self._require("rkllm_set_function_tools")(
+            handle, system_prompt, tools, tool_response_str)
+
+    # int rkllm_set_cross_attn_params(LLMHandle handle, RKLLMCrossAttnParam* cross_attn_params);
+    # The project's ABI notes do not give RKLLMCrossAttnParam's layout, so it stays opaque.
+    @_c_function("rkllm_set_cross_attn_params", [LLMHandle, ctypes.c_void_p], ctypes.c_int,
+                 optional=True)
+    def rkllm_set_cross_attn_params(self, handle: LLMHandle, params: ctypes.c_void_p) -> int:
+        return self._require("rkllm_set_cross_attn_params")(handle, params)
+
+
+class Librkllmrt_1_2(LibrkllmrtBase):
+    abi = "1.2"
+    Param = RKLLMParam_1_2
+    Input = RKLLMInput_1_2
+    InferParam = RKLLMInferParam_1_2
+
+    # RKLLMParam rkllm_createDefaultParam(void);
+    @_c_function("rkllm_createDefaultParam", [], RKLLMParam_1_2)
+    def rkllm_createDefaultParam(self) -> RKLLMParam_1_2:
+        return self._c.rkllm_createDefaultParam()
+
+    # int rkllm_init(LLMHandle* handle, RKLLMParam* param, LLMResultCallback callback);
+    @_c_function("rkllm_init", [ctypes.POINTER(LLMHandle), ctypes.POINTER(RKLLMParam_1_2),
+                                LLMResultCallback], ctypes.c_int)
+    def rkllm_init(self, handle, param, callback) -> int:
+        return self._c.rkllm_init(handle, param, callback)
+
+    # int rkllm_run(LLMHandle handle, RKLLMInput* rkllm_input, RKLLMInferParam* rkllm_infer_params,
+    #               void* userdata);
+    @_c_function("rkllm_run", [LLMHandle, ctypes.POINTER(RKLLMInput_1_2),
+                               ctypes.POINTER(RKLLMInferParam_1_2), ctypes.c_void_p], ctypes.c_int)
+    def rkllm_run(self, handle: LLMHandle, rkllm_input, infer_params, userdata=None) -> int:
+        return self._c.rkllm_run(handle, rkllm_input, infer_params, userdata)
+
+    # int rkllm_run_async(LLMHandle handle, RKLLMInput* rkllm_input,
+    #                     RKLLMInferParam* rkllm_infer_params, void* userdata);
+    @_c_function("rkllm_run_async", [LLMHandle, ctypes.POINTER(RKLLMInput_1_2),
+                                     ctypes.POINTER(RKLLMInferParam_1_2), ctypes.c_void_p],
+                 ctypes.c_int, optional=True)
+    def rkllm_run_async(self, handle: LLMHandle, rkllm_input, infer_params, userdata=None) -> int:
+        return self._require("rkllm_run_async")(handle, rkllm_input, infer_params, userdata)
+
+    def is_running(self, handle: LLMHandle) -> bool:
+        return self.rkllm_is_running(handle) == 0  # 1.2.x answers 0 while running
+
+
+class Librkllmrt_1_3(LibrkllmrtBase):
+    abi = "1.3"
+    Param = RKLLMParam_1_3
+    Input = RKLLMInput_1_3
+    InferParam = RKLLMInferParam_1_3
+
+    # RKLLMParam rkllm_createDefaultParam(void);
+    @_c_function("rkllm_createDefaultParam", [], RKLLMParam_1_3)
+    def rkllm_createDefaultParam(self) -> RKLLMParam_1_3:
+        return self._c.rkllm_createDefaultParam()
+
+    # int rkllm_init(LLMHandle* handle, RKLLMParam* param, RKLLMCallback* callback);
+    @_c_function("rkllm_init", [ctypes.POINTER(LLMHandle), ctypes.POINTER(RKLLMParam_1_3),
+                                ctypes.POINTER(RKLLMCallback_1_3)], ctypes.c_int)
+    def rkllm_init(self, handle, param, callbacks) -> int:
+        return self._c.rkllm_init(handle, param, callbacks)
+
+    # int rkllm_run(LLMHandle handle, RKLLMInput* rkllm_input, RKLLMInferParam* rkllm_infer_params,
+    #               void* userdata);
+    @_c_function("rkllm_run", [LLMHandle, ctypes.POINTER(RKLLMInput_1_3),
+                               ctypes.POINTER(RKLLMInferParam_1_3), ctypes.c_void_p], ctypes.c_int)
+    def rkllm_run(self, handle: LLMHandle, rkllm_input, infer_params, userdata=None) -> int:
+        return self._c.rkllm_run(handle, rkllm_input, infer_params, userdata)
+
+    # int rkllm_run_async(LLMHandle handle, RKLLMInput* rkllm_input,
+    #                     RKLLMInferParam* rkllm_infer_params, void* userdata);
+    @_c_function("rkllm_run_async", [LLMHandle, ctypes.POINTER(RKLLMInput_1_3),
+                                     ctypes.POINTER(RKLLMInferParam_1_3), ctypes.c_void_p],
+                 ctypes.c_int, optional=True)
+    def rkllm_run_async(self, handle: LLMHandle, rkllm_input, infer_params, userdata=None) -> int:
+        return self._require("rkllm_run_async")(handle, rkllm_input, infer_params, userdata)
+
+    def is_running(self, handle: LLMHandle) -> bool:
+        return self.rkllm_is_running(handle) == 1  # 1.3.x answers 1 while running
+
+
+LIBRARY_CLASSES = {"1.2": Librkllmrt_1_2, "1.3": Librkllmrt_1_3}
+SUPPORTED_ABIS = tuple(LIBRARY_CLASSES)
+
+# ========================================= 3. finding the library, its ABI
+
+LIBRARY_FILE = "librkllmrt.so"
+STANDARD_LIBRARY_DIRS = ("/usr/lib", "/usr/local/lib", "/usr/lib/aarch64-linux-gnu")
+
+# "rkllm-runtime version: 1.2.3", "RKLLM runtime v1.3.0", "rkllm version=1.2.1" ...
+_NAMED_VERSION = re.compile(rb"rkllm[\w .-]{0,32}?version[\s:=]{0,4}v?(1\.\d{1,2}\.\d{1,3})\b",
+                            re.IGNORECASE)
+_RKLLM_MENTION = re.compile(rb"rkllm", re.IGNORECASE)
+# A bare 1.x.y that is not part of a longer dotted number (2.1.3, 1.2.3.4).
+_BARE_VERSION = re.compile(rb"(?<![\d.])v?(1\.\d{1,2}\.\d{1,3})(?!\.?\d)")
+_NEARBY_BYTES = 200
+
+
+def find_library(configured: str = "") -> str:
+    """The librkllmrt file to load: `configured` (a file or a folder) when set,
+    else the usual library folders, else the dynamic linker's search."""
+    if configured:
+        path = os.path.expanduser(configured)
+        candidate = os.path.join(path, LIBRARY_FILE) if os.path.isdir(path) else path
+        if os.path.isfile(candidate):
+            return candidate
+        raise RuntimeLoadError(f"librkllmrt not found: RKLLM_LIB_PATH={configured!r} "
+                               f"(looked at {candidate})")
+    looked = []
+    for folder in STANDARD_LIBRARY_DIRS:
+        candidate = os.path.join(folder, LIBRARY_FILE)
+        looked.append(candidate)
+        if os.path.isfile(candidate):
+            return candidate
+    soname = ctypes.util.find_library("rkllmrt")
+    looked.append("the dynamic linker's search path (ctypes.util.find_library('rkllmrt'))")
+    if soname:
+        # The linker names only the file; find it where the linker itself looks, so
+        # the version text can be read before the library is loaded.
+        linker_dirs = os.environ.get("LD_LIBRARY_PATH", "").split(":")
+        folders = linker_dirs + ["/lib", "/usr/lib64", "/lib64"]
+        for folder in filter(None, folders):
+            candidate = os.path.join(folder, soname)
+            if os.path.isfile(candidate):
+                return candidate
+        looked.append(f"{soname} (found by the linker but not as a file in {folders})")
+    raise RuntimeLoadError("librkllmrt.so not found; looked at: " + ", ".join(looked)
+                           + ". Set RKLLM_LIB_PATH to the library file or its folder.")
+
+
+@dataclass(frozen=True)
+class EmbeddedVersion:
+    versions: tuple          # every 1.x.y found as the runtime's version, e.g. ("1.2.3",)
+    abi: Optional[str]       # "1.2" / "1.3" when all of them agree on a known generation
+
+
+def read_embedded_version(library_path: str) -> EmbeddedVersion:
+    """The runtime version text embedded in the library file, found without loading it.
+
+    First an explicit "rkllm... version: X.Y.Z"; failing that, a bare 1.x.y within a
+    few hundred bytes of an "rkllm" mention (a banner whose version is a separate
+    string). Several generations found means "unknown", never a guess."""
+    with open(library_path, "rb") as handle:
+        data = handle.read()
+    versions = {m.group(1).decode() for m in _NAMED_VERSION.finditer(data)}
+    if not versions:
+        for mention in _RKLLM_MENTION.finditer(data):
+            window = data[max(0, mention.start() - _NEARBY_BYTES):mention.end() + _NEARBY_BYTES]
+            versions.update(m.group(1).decode() for m in _BARE_VERSION.finditer(window))
+    generations = {".".join(v.split(".")[:2]) for v in versions}
+    abi = generations.pop() if len(generations) == 1 else None
+    return EmbeddedVersion(tuple(sorted(versions)), abi if abi in SUPPORTED_ABIS else None)
+
+
+def normalise_abi(text: str) -> str:
+    """ "1.3", "1.3.0", "v1.2.3" -> "1.3" / "1.2"; anything else is refused."""
+    match = re.fullmatch(r"v?(\d+)\.(\d+)(?:\.\d+)?", text.strip())
+    abi = f"{match.group(1)}.{match.group(2)}" if match else text
+    if abi not in SUPPORTED_ABIS:
+        raise RuntimeLoadError(f"RKLLM_ABI={text!r} is not supported; use one of "
+                               f"{', '.join(SUPPORTED_ABIS)}")
+    return abi
+
+
+def choose_abi(library_path: str, configured: str = "") -> str:
+    """The generation to speak to the library at library_path; raises before any call
+    into the library when it is unknown or contradicts the configured one."""
+    embedded = read_embedded_version(library_path)
+    if configured:
+        abi = normalise_abi(configured)
+        if embedded.abi and embedded.abi != abi:
+            raise RuntimeLoadError(
+                f"ABI mismatch: RKLLM_ABI={configured} but {library_path} says it is runtime "
+                f"{', '.join(embedded.versions)} (ABI {embedded.abi}); refusing to load it with "
+                f"the wrong struct layouts. Fix RKLLM_ABI or RKLLM_LIB_PATH.")
+        if not embedded.abi:
+            log.warning("librkllmrt at %s: embedded version %s; using RKLLM_ABI=%s as configured",
+                        library_path, ", ".join(embedded.versions) or "not found", abi)
+        return abi
+    if embedded.abi:
+        return embedded.abi
+    found = ", ".join(embedded.versions) or "no version text found"
+    raise RuntimeLoadError(
+        f"cannot tell which librkllmrt ABI {library_path} speaks ({found}); set RKLLM_ABI to "
+        f"one of {', '.join(SUPPORTED_ABIS)} to match the runtime release. Refusing to guess: "
+        f"the two generations' structs are incompatible.")
+
+
+# ========================================================= 4. the runtime
+
+# RK3588: CPU cores 4-7 are the big Cortex-A76 cores; the runtime's own threads
+# belong there (the little cores slow the decode loop down).
+BIG_CORES_MASK = 0xF0
+BIG_CORES_COUNT = 4
+_SAMPLING_ON_PARAM = ("top_k", "top_p", "temperature", "repeat_penalty",
+                      "frequency_penalty", "presence_penalty")
+_KV_SIZE_SLOTS = 64  # rkllm_get_kv_cache_size fills one int per batch slot
+# Plain ints for the per-token comparisons (IntEnum comparisons cost more).
+_WAITING = int(LLMCallState.WAITING)
+_FINISH = int(LLMCallState.FINISH)
+_ERROR = int(LLMCallState.ERROR)
+
+
+class _Run:
+    """The state of one rkllm_run, read and written by the result callback."""
+
+    __slots__ = ("sink", "decode", "pieces", "tokens", "limit", "count_limit", "limit_hit",
+                 "abort_requested", "abort_forwarded", "embedding_mode", "embedding",
+                 "perf", "error", "sink_error")
+
+    def __init__(self, sink: EventSink, limit: int, count_limit: bool, embedding_mode: bool):
+        self.sink = sink
+        # Completes split multi-byte characters across callbacks; invalid bytes
+        # become U+FFFD rather than an exception in the callback.
+        self.decode = codecs.getincrementaldecoder("utf-8")("replace").decode
+        self.pieces: list = []
+        self.tokens = 0
+        self.limit = limit
+        self.count_limit = count_limit  # 1.2.x: the binding enforces max_new_tokens itself
+        self.limit_hit = False
+        self.abort_requested = False
+        self.abort_forwarded = False
+        self.embedding_mode = embedding_mode
+        self.embedding: Optional[list] = None
+        self.perf: Optional[PerfStats] = None
+        self.error: Optional[str] = None
+        self.sink_error: Optional[BaseException] = None
+
+
+class RKLLMRuntime:
+    """One .rkllm model loaded by librkllmrt on the NPU (see runtime.Runtime)."""
+
+    device = "npu"
+
+    def __init__(self, model_path: str, *, context_length: int, settings=None,
+                 init_sampling: Optional[SamplingParams] = None, base_domain_id: int = 0):
+        if settings is None:
+            from config import Settings
+            settings = Settings.from_env()
+        self.model_path = model_path
+        self.context_length = int(context_length)
+        self.default_max_new_tokens = int(settings.default_max_tokens)
+        if not os.path.isfile(model_path):
+            raise RuntimeLoadError(f"model file not found: {model_path}")
+        self.library_path = find_library(settings.rkllm_lib_path)
+        self.abi = choose_abi(self.library_path, settings.rkllm_abi)
+        try:
+            cdll = ctypes.CDLL(self.library_path)
+        except OSError as exc:
+            raise RuntimeLoadError(f"cannot load {self.library_path}: {exc}") from exc
+        self._api: LibrkllmrtBase = LIBRARY_CLASSES[self.abi](cdll, self.library_path)
+        self._run_lock = threading.Lock()
+        self._close_lock = threading.Lock()
+        self._handle_lock = threading.Lock()
+        self._current: Optional[_Run] = None
+        self._embedding_width: Optional[int] = None
+        self._handle = LLMHandle()
+        self._init(init_sampling or SamplingParams(), base_domain_id)
+
+    # --- loading
+
+    def _init(self, sampling: SamplingParams, base_domain_id: int) -> None:
+        param = self._api.rkllm_createDefaultParam()
+        self._model_path_bytes = os.fsencode(self.model_path)  # C keeps a pointer to it
+        param.model_path = self._model_path_bytes
+        param.max_context_len = self.context_length
+        # The init limit is only a ceiling: each run asks for its own (natively on
+        # 1.3, by counting and aborting on 1.2, whose limit is fixed at init).
+        param.max_new_tokens = self.context_length
+        param.skip_special_token = True
+        param.is_async = False
+        for name, value in sampling.given().items():
+            if name in _SAMPLING_ON_PARAM:
+                setattr(param, name, value)
+        param.extend_param.base_domain_id = base_domain_id
+        param.extend_param.embed_flash = 1
+        param.extend_param.enabled_cpus_num = BIG_CORES_COUNT
+        param.extend_param.enabled_cpus_mask = BIG_CORES_MASK
+        param.extend_param.n_batch = 1
+        self._init_param = param
+        # The C side holds these function pointers for the handle's whole life.
+        self._result_callback = LLMResultCallback(self._on_result)
+        if self.abi == "1.2":
+            callback_arg = self._result_callback
+        else:
+            self._callbacks = RKLLMCallback_1_3(result_callback=self._result_callback)
+            callback_arg = ctypes.byref(self._callbacks)
+        status = self._api.rkllm_init(ctypes.byref(self._handle), ctypes.byref(param), callback_arg)
+        if status != 0 or not self._handle.value:
+            self._handle = LLMHandle()
+            raise RuntimeLoadError(f"rkllm_init failed (code {status}) for {self.model_path} "
+                                   f"with librkllmrt {self.library_path} (ABI {self.abi})")
+        log.info("loaded %s on the NPU (librkllmrt ABI %s, context %d)",
+                 self.model_path, self.abi, self.context_length)
+
+    # --- the result callback (hot path: runs once per token, on rkllm_run's thread)
+
+    def _on_result(self, result: int, _userdata, state: int) -> int:
+        run = self._current
+        if run is None:
+            return 0
+        try:
+            if state <= _WAITING:  # NORMAL or WAITING
+                if run.embedding_mode:
+                    self._take_hidden_layer(run, result)
+                    return 0
+                raw = ctypes.c_char_p.from_address(result).value
+                if raw is None:
+                    return 0
+                if run.abort_requested:
+                    self._forward_abort(run)
+                    return 0
+                run.tokens += 1
+                if run.tokens > run.limit:
+                    return 0
+                text = run.decode(raw)
+                if text:
+                    run.pieces.append(text)
+                    if run.sink_error is None:
+                        run.sink(TokenEvent(EventKind.TEXT, text))
+                if run.count_limit and run.tokens >= run.limit and not run.limit_hit:
+                    run.limit_hit = True
+                    self._api.rkllm_abort(self._handle)
+            elif state == _FINISH:
+                if run.embedding_mode and run.embedding is None:
+                    self._take_hidden_layer(run, result)
+                perf = RKLLMResult.from_address(result).perf
+                run.perf = PerfStats(prefill_ms=perf.prefill_time_ms,
+                                     prefill_tokens=perf.prefill_tokens,
+                                     generate_ms=perf.generate_time_ms,
+                                     generate_tokens=perf.generate_tokens,
+                                     memory_mb=perf.memory_usage_mb)
+            elif state == _ERROR:
+                raw = ctypes.c_char_p.from_address(result).value if result else None
+                detail = raw.decode("utf-8", "replace") if raw else ""
+                run.error = "the NPU runtime reported an error" + (f": {detail}" if detail else "")
+        except BaseException as exc:  # nothing may unwind into C
+            self._callback_failed(run, exc)
+        return 0
+
+    def _callback_failed(self, run: _Run, exc: BaseException) -> None:
+        try:
+            if run.sink_error is None:
+                run.sink_error = exc
+                log.error("event handling failed inside the rkllm callback; aborting the run",
+                          exc_info=exc)
+            run.abort_requested = True
+            self._forward_abort(run)
+        except BaseException:  # logging itself failed: still never raise into C
+            pass
+
+    def _forward_abort(self, run: _Run) -> None:
+        """An abort that arrived before the C side was listening: say it again, once."""
+        if not run.abort_forwarded:
+            run.abort_forwarded = True
+            self._api.rkllm_abort(self._handle)
+
+    @staticmethod
+    def _take_hidden_layer(run: _Run, result: int) -> None:
+        layer = RKLLMResult.from_address(result).last_hidden_layer
+        if not layer.hidden_states or layer.embd_size <= 0 or layer.num_tokens <= 0:
+            return
+        import numpy  # only embeddings need it
+        rows = numpy.ctypeslib.as_array(layer.hidden_states,
+                                        shape=(layer.num_tokens, layer.embd_size))
+        run.embedding = rows.mean(axis=0, dtype=numpy.float64).tolist()  # copies out of C memory
+
+    # --- running
+
+    def run(self, request: RunRequest, on_event: EventSink) -> RunResult:
+        if not self._run_lock.acquire(blocking=False):
+            raise RuntimeError("the NPU runtime is already running a request (one at a time)")
+        try:
+            self._require_open()
+            return self._run_locked(request, on_event)
+        finally:
+            self._run_lock.release()
+
+    def _run_locked(self, request: RunRequest, on_event: EventSink) -> RunResult:
+        limit = request.max_new_tokens or self.default_max_new_tokens
+        embedding_mode = request.mode is RunMode.EMBED
+        run = _Run(on_event, limit, count_limit=(self.abi == "1.2"), embedding_mode=embedding_mode)
+        keep_alive = []  # every buffer C may read during the run
+        c_input = self._build_input(request, keep_alive)
+        infer, unapplied = self._build_infer_param(request, limit, keep_alive)
+        started = time.monotonic()
+        self._current = run
+        try:
+            status = self._api.rkllm_run(self._handle, ctypes.byref(c_input),
+                                         ctypes.byref(infer), None)
+        finally:
+            self._current = None
+        return self._conclude(run, status, unapplied, time.monotonic() - started)
+
+    def _build_input(self, request: RunRequest, keep_alive: list):
+        prompt = request.prompt.encode("utf-8")
+        role = (request.role or "user").encode("utf-8")
+        keep_alive += [prompt, role]
+        c_input = self._api.Input()
+        c_input.role = role
+        c_input.enable_thinking = bool(request.enable_thinking)
+        c_input.input_type = RKLLMInputType.PROMPT
+        c_input.prompt_input = prompt
+        return c_input
+
+    def _build_infer_param(self, request: RunRequest, limit: int, keep_alive: list):
+        infer = self._api.InferParam()
+        if request.mode is RunMode.EMBED:
+            infer.mode = RKLLMInferMode.GET_LAST_HIDDEN_LAYER
+            infer.keep_history = 0
+        else:
+            infer.mode = RKLLMInferMode.GENERATE
+            infer.keep_history = 1 if request.keep_history else 0
+        if request.lora_adapter:
+            lora = RKLLMLoraParam(lora_adapter_name=request.lora_adapter.encode("utf-8"))
+            keep_alive.append(lora)
+            infer.lora_params = ctypes.pointer(lora)
+        if request.prompt_cache_save_path:
+            cache = RKLLMPromptCacheParam(save_prompt_cache=1, prompt_cache_path=os.fsencode(
+                request.prompt_cache_save_path))
+            keep_alive.append(cache)
+            infer.prompt_cache_params = ctypes.pointer(cache)
+        if self.abi == "1.2":
+            return infer, self._unapplied_at_init(request.sampling)
+        infer.max_new_tokens = limit
+        sampling, unapplied = self._sampling_1_3(request.sampling)
+        keep_alive.append(sampling)
+        infer.sampling_params = ctypes.pointer(sampling)
+        return infer, unapplied
+
+    def _sampling_1_3(self, requested: SamplingParams):
+        """Per-run sampling: the init values, with the request's fields on top."""
+        init = self._init_param
+        sampling = RKLLMSamplingParam_1_3(
+            top_k=init.top_k, top_p=init.top_p, temperature=init.temperature,
+            repeat_penalty=init.repeat_penalty, frequency_penalty=init.frequency_penalty,
+            presence_penalty=init.presence_penalty, mirostat=init.mirostat,
+            mirostat_tau=init.mirostat_tau, mirostat_eta=init.mirostat_eta)
+        unapplied = []
+        for name, value in requested.given().items():
+            if name in _SAMPLING_ON_PARAM:
+                setattr(sampling, name, value)
+            else:
+                unapplied.append(name)  # seed: librkllmrt has no such knob
+        return sampling, tuple(unapplied)
+
+    def _unapplied_at_init(self, requested: SamplingParams) -> tuple:
+        """1.2.x fixes sampling at init: a request field counts as applied only when
+        it asks for the value the model was loaded with."""
+        unapplied = []
+        for name, value in requested.given().items():
+            loaded = getattr(self._init_param, name, None)
+            if loaded is None or abs(float(loaded) - float(value)) > 1e-6 * max(1.0, abs(value)):
+                unapplied.append(name)
+        return tuple(unapplied)
+
+    def _conclude(self, run: _Run, status: int, unapplied: tuple, elapsed: float) -> RunResult:
+        """Deliver the one final event and build the RunResult."""
+        text = "".join(run.pieces)
+        perf = run.perf or PerfStats(generate_ms=elapsed * 1000.0,
+                                     generate_tokens=min(run.tokens, run.limit))
+        error = run.error
+        if run.sink_error is not None:
+            error = f"event sink failed: {run.sink_error!r}"
+        elif error is None and status != 0 and not (run.abort_requested or run.limit_hit):
+            error = f"rkllm_run failed (code {status})"
+        if error is not None:
+            if run.sink_error is None:
+                self._deliver(run, TokenEvent(EventKind.ERROR, error=error,
+                                              finish_reason=FinishReason.ERROR))
+            return RunResult(text, FinishReason.ERROR, perf, error=error,
+                             unapplied_sampling=unapplied)
+        if run.abort_requested:
+            reason = FinishReason.ABORTED
+        elif run.limit_hit or (not run.embedding_mode and run.tokens >= run.limit):
+            reason = FinishReason.LENGTH
+        else:
+            reason = FinishReason.STOP
+        self._deliver(run, TokenEvent(EventKind.FINISH, perf=perf, finish_reason=reason))
+        return RunResult(text, reason, perf, unapplied_sampling=unapplied,
+                         embedding=run.embedding)
+
+    @staticmethod
+    def _deliver(run: _Run, event: TokenEvent) -> None:
+        try:
+            run.sink(event)
+        except Exception:
+            log.exception("event sink failed on the final %s event", event.kind.value)
+
+    def abort(self) -> None:
+        run = self._current
+        if run is not None:
+            run.abort_requested = True
+        with self._handle_lock:  # never abort a handle close() is destroying
+            if self._handle.value:
+                self._api.rkllm_abort(self._handle)
+
+    def is_running(self) -> bool:
+        """The library's own view (its answer's meaning differs by generation)."""
+        return bool(self._handle.value) and self._api.is_running(self._handle)
+
+    # --- embeddings
+
+    def embed(self, text: str) -> list:
+        """The last hidden layer of text, mean-pooled over its tokens."""
+        result = self.run(RunRequest(prompt=text, mode=RunMode.EMBED), _ignore_event)
+        if result.error or result.embedding is None:
+            raise RuntimeError(f"embedding failed: {result.error or 'no hidden layer returned'}")
+        self._embedding_width = len(result.embedding)
+        return result.embedding
+
+    @property
+    def embedding_width(self) -> int:
+        """Width of the hidden layer; the runtime does not tell it up front, so the
+        first call embeds a probe word."""
+        if self._embedding_width is None:
+            self.embed("width")
+        return self._embedding_width
+
+    # --- KV cache and prompt caches
+
+    def clear_kv_cache(self, keep_system_prompt: bool = True) -> None:
+        with self._idle("clear the KV cache"):
+            status = self._api.rkllm_clear_kv_cache(self._handle, 1 if keep_system_prompt else 0)
+        if status != 0:
+            raise RuntimeLoadError(f"rkllm_clear_kv_cache failed (code {status})")
+
+    @property
+    def kv_length(self) -> Optional[int]:
+        """Tokens held in the KV cache, or None when the library cannot tell."""
+        if not self._api.has("rkllm_get_kv_cache_size"):
+            return None
+        sizes = (ctypes.c_int * _KV_SIZE_SLOTS)()
+        with self._idle("read the KV cache size"):
+            status = self._api.rkllm_get_kv_cache_size(self._handle, sizes)
+        return sizes[0] if status == 0 else None
+
+    def load_prompt_cache(self, path: str) -> None:
+        if not os.path.isfile(path):
+            raise RuntimeLoadError(f"prompt cache file not found: {path}")
+        with self._idle("load a prompt cache"):
+            status = self._api.rkllm_load_prompt_cache(self._handle, os.fsencode(path))
+        if status != 0:
+            raise RuntimeLoadError(f"rkllm_load_prompt_cache failed (code {status}) for {path}")
+
+    def release_prompt_cache(self) -> None:
+        with self._idle("release the prompt cache"):
+            status = self._api.rkllm_release_prompt_cache(self._handle)
+        if status != 0:
+            raise RuntimeLoadError(f"rkllm_release_prompt_cache failed (code {status})")
+
+    def count_tokens(self, text: str) -> Optional[int]:
+        return None  # librkllmrt does not expose its tokenizer
+
+    # --- model-level settings
+
+    def load_lora(self, path: str, name: str, scale: float = 1.0) -> None:
+        adapter = RKLLMLoraAdapter(lora_adapter_path=os.fsencode(path),
+                                   lora_adapter_name=name.encode("utf-8"), scale=scale)
+        with self._idle("load a LoRA adapter"):
+            status = self._api.rkllm_load_lora(self._handle, ctypes.byref(adapter))
+        if status != 0:
+            raise RuntimeLoadError(f"rkllm_load_lora failed (code {status}) for {path}")
+
+    def set_chat_template(self, system_prompt: str, prompt_prefix: str,
+                          prompt_postfix: str) -> None:
+        """Replaces the model's template (the runtime clears the KV cache when it does)."""
+        with self._idle("set the chat template"):
+            status = self._api.rkllm_set_chat_template(
+                self._handle, system_prompt.encode(), prompt_prefix.encode(),
+                prompt_postfix.encode())
+        if status != 0:
+            raise RuntimeLoadError(f"rkllm_set_chat_template failed (code {status})")
+
+    def set_function_tools(self, system_prompt: str, tools_json: str,
+                           tool_response_str: str) -> None:
+        with self._idle("set function tools"):
+            status = self._api.rkllm_set_function_tools(
+                self._handle, system_prompt.encode(), tools_json.encode(),
+                tool_response_str.encode())
+        if status != 0:
+            raise RuntimeLoadError(f"rkllm_set_function_tools failed (code {status})")
+
+    # --- lifetime
+
+    def close(self) -> None:
+        with self._close_lock:
+            if not self._handle.value:
+                return
+            if self._current is not None:
+                self.abort()
+            # Destroying under a running inference would crash the process: wait for
+            # the run to end, and leak the handle rather than destroy it if it never does.
+            if not self._run_lock.acquire(timeout=10.0):
+                log.error("NPU run did not end after abort; not destroying %s", self.model_path)
+                return
+            try:
+                with self._handle_lock:
+                    handle, self._handle = self._handle, LLMHandle()
+                    status = self._api.rkllm_destroy(handle)
+                if status != 0:
+                    log.warning("rkllm_destroy returned %d for %s", status, self.model_path)
+            finally:
+                self._run_lock.release()
+
+    def _require_open(self) -> None:
+        if not self._handle.value:
+            raise RuntimeLoadError(f"the model {self.model_path} is closed")
+
+    def _idle(self, doing: str) -> "_IdleGuard":
+        return _IdleGuard(self, doing)
+
+    def __repr__(self) -> str:
+        return f"RKLLMRuntime({self.model_path!r}, abi={self.abi}, lib={self.library_path!r})"
+
+
+class _IdleGuard:
+    """Holds the run lock for an operation that must not overlap a run."""
+
+    def __init__(self, runtime: RKLLMRuntime, doing: str):
+        self._runtime = runtime
+        self._doing = doing
+
+    def __enter__(self):
+        if not self._runtime._run_lock.acquire(blocking=False):
+            raise RuntimeError(f"cannot {self._doing} while a run is in progress")
+        try:
+            self._runtime._require_open()
+        except BaseException:
+            self._runtime._run_lock.release()
+            raise
+        return self
+
+    def __exit__(self, *exc_info):
+        self._runtime._run_lock.release()
+        return False
+
+
+def _ignore_event(_event: TokenEvent) -> None:
+    pass
