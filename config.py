@@ -80,6 +80,19 @@ class Settings:
     # Estimated token counts are rough, so an estimated prompt may exceed the context
     # by this factor before it is rejected; tokenizer counts get no tolerance.
     context_overflow_tolerance: float = field(default=1.10, metadata={"env": "CONTEXT_OVERFLOW_TOLERANCE"})
+    # KV reuse across turns (engine.KvSession): off = every turn prefills the whole prompt.
+    kv_reuse: bool = field(default=True, metadata={"env": "KV_REUSE"})
+    # Prompt caches and conversation snapshots live here (kvcache.py).
+    kv_cache_dir: str = field(default="~/.cache/rkllm-api", metadata={"env": "KV_CACHE_DIR"})
+    # Save the KV state of a conversation the engine leaves for another, restore it on return.
+    kv_snapshots: bool = field(default=True, metadata={"env": "KV_SNAPSHOTS"})
+    kv_snapshot_max_entries: int = field(default=8, metadata={"env": "KV_SNAPSHOT_MAX_ENTRIES"})
+    kv_snapshot_max_mb: int = field(default=1024, metadata={"env": "KV_SNAPSHOT_MAX_MB"})
+    # Prefilled system prompts saved per model and preloaded at load; only system texts of
+    # at least this many tokens (estimated) are cached: a short one prefills faster than
+    # the extra run and the file cost.
+    system_prompt_cache: bool = field(default=True, metadata={"env": "SYSTEM_PROMPT_CACHE"})
+    system_prompt_cache_min_tokens: int = field(default=128, metadata={"env": "SYSTEM_PROMPT_CACHE_MIN_TOKENS"})
 
     # --- clients ---
     # Instant answers to Open WebUI background tasks (clients.instant_answer); each can

@@ -1,0 +1,113 @@
+"""The HTTP server's own cost on the streaming path, measured on the librkllmrt double.
+
+Prints, side by side in one run:
+  - direct:  tokens/s of the double through the ctypes binding alone (RKLLMRuntime.run)
+  - http:    tokens/s a streaming HTTP client receives from a real gunicorn server
+             answering the same full-speed script (@@count:N@@)
+  - their ratio (the share of the runtime's rate the server delivers), and
+  - request-to-first-byte time (request sent -> response headers and role chunk).
+
+Starts its own server on 127.0.0.1 (a free port) and always stops it.
+Usage: .venv/bin/python bench/server_bench.py [--tokens 3000] [--runs 3]
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+
+from config import Settings  # noqa: E402
+from doubles.build import build_rkllm_double  # noqa: E402
+from runtime import EventKind, RunRequest  # noqa: E402
+from support.live_server import NPU_MODEL_ID, LiveServers, start_npu_server  # noqa: E402
+
+ABI = "1.3"
+
+
+def direct_rate(lib: str, model_file: str, tokens: int, runs: int) -> float:
+    """Tokens/s of the double through the binding, with a callback that only counts."""
+    from rkllm_ctypes import RKLLMRuntime
+    runtime = RKLLMRuntime(model_file, context_length=4096,
+                           settings=Settings(rkllm_lib_path=lib, rkllm_abi=ABI))
+    rates = []
+    try:
+        for _ in range(runs):
+            count = [0]
+
+            def on_event(event, count=count):
+                if event.kind is EventKind.TEXT:
+                    count[0] += 1
+
+            started = time.perf_counter()
+            runtime.run(RunRequest(prompt=f"@@count:{tokens}@@", max_new_tokens=tokens + 10),
+                        on_event)
+            rates.append(count[0] / (time.perf_counter() - started))
+    finally:
+        runtime.close()
+    return statistics.median(rates)
+
+
+def http_stream(port: int, tokens: int) -> tuple:
+    """(tokens/s received, seconds to first byte) for one streaming request."""
+    body = json.dumps({"model": NPU_MODEL_ID, "stream": True, "max_tokens": tokens + 10,
+                       "messages": [{"role": "user", "content": f"@@count:{tokens}@@"}]})
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    try:
+        started = time.perf_counter()
+        connection.request("POST", "/v1/chat/completions", body,
+                           {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        first_line = response.readline()
+        first_byte = time.perf_counter() - started
+        assert response.status == 200 and first_line.startswith(b"data: "), first_line
+        received = 0
+        for line in response:
+            if line.startswith(b'data: {"id"') and b'"content":"' in line:
+                received += 1
+        elapsed = time.perf_counter() - started
+    finally:
+        connection.close()
+    return received / elapsed, first_byte, received
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=3000)
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="server-bench-") as tmp:
+        libs = {ABI: build_rkllm_double(ABI, os.path.join(tmp, "double"))}
+        servers = LiveServers(tmp)
+        try:
+            server = start_npu_server(servers, libs, FAKE_RKLLM_RECORD="",
+                                      RKLLM_API_LOG_LEVEL="WARNING")
+            model_file = os.path.join(server.env["RKLLM_MODELS_ROOT"], NPU_MODEL_ID,
+                                      f"{NPU_MODEL_ID}.rkllm")
+            http_stream(server.port, 10)  # load the model before measuring
+            results = [http_stream(server.port, args.tokens) for _ in range(args.runs)]
+        finally:
+            servers.stop_all()
+        direct = direct_rate(libs[ABI], model_file, args.tokens, args.runs)
+
+    http_rate = statistics.median(r[0] for r in results)
+    first_byte_ms = statistics.median(r[1] for r in results) * 1000
+    print(f"tokens per run: {args.tokens}, runs: {args.runs} (medians)")
+    print(f"{'direct binding (tok/s)':<28}{'HTTP stream (tok/s)':<24}{'HTTP / direct':<16}"
+          f"{'first byte (ms)':<16}")
+    print(f"{direct:<28.0f}{http_rate:<24.0f}{http_rate / direct:<16.3f}{first_byte_ms:<16.1f}")
+    if any(r[2] != args.tokens for r in results):
+        print(f"warning: token counts received {[r[2] for r in results]}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
