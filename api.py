@@ -318,16 +318,19 @@ def json_body(required: bool = True):
         raise RequestError(f"the request body is not valid JSON: {exc}") from None
 
 
-def start_generation(server: Server, info, run: RunRequest, conversation=None):
+def start_generation(server: Server, info, run: RunRequest, conversation=None,
+                     use_cache: str = ""):
     """engine.generate with the engine's refusals in OpenAI error terms."""
     import engine as engine_module
     job = engine_module.GenerationJob(model=info.id, run=run,
                                       request_id=protocol.new_response_id("req"),
-                                      conversation=conversation)
+                                      conversation=conversation, use_cache=use_cache)
     try:
         return server.engine.generate(job)
     except engine_module.ModelNotFound:
         raise protocol.model_not_found(info.id) from None
+    except engine_module.CacheNotFound as exc:
+        raise cache_not_found(exc) from None
     except (engine_module.QueueFull, engine_module.QueueTimeout) as exc:
         raise protocol.server_busy(str(exc) or "the server is busy, try again later",
                                    getattr(exc, "retry_after", 5)) from None
@@ -410,21 +413,39 @@ def register_generation_routes(app: Flask, server: Server) -> None:
     def chat_completions():
         req = protocol.parse_chat_request(json_body())
         info = server.resolve_model(req.model)
-        thinking, messages = decide_thinking(req, info)
+        task = classify_client(req)
+        instant = instant_reply(server, req, info, task)
+        if instant is not None:
+            return instant
+        thinking, messages = decide_thinking(req, info, policy_off=task.thinking_off)
         tool_spec, tools_prompt = parse_tools(req)
-        built = build_chat_prompt(server, messages, req, info, tools_prompt)
-        # The whole prompt, KV cache not kept: the engine owns the KV plan (issue 4)
-        # and turns this into a tail-only keep_history run when job.conversation
-        # matches what its cache holds.
-        run = RunRequest(prompt=built.text, enable_thinking=thinking, keep_history=False,
-                         max_new_tokens=req.max_tokens or settings.default_max_tokens,
+        retrieval = plan_retrieval(server, req, messages, info)
+        cached = cached_reply(server, req, info, retrieval)
+        if cached is not None:
+            return cached
+        thinking = thinking and not retrieval.thinking_off
+        built = build_chat_prompt(server, retrieval.messages, req, info, tools_prompt)
+        if task.background or retrieval.standalone:
+            built = standalone_prompt(built)
+        # The whole prompt, kept in the KV cache: the engine owns the KV plan and turns
+        # this into a tail-only run when job.conversation matches what its cache holds
+        # (a standalone turn, e.g. RAG or a background task, runs with keep_history=False).
+        run = RunRequest(prompt=built.text, enable_thinking=thinking,
+                         keep_history=not built.standalone,
+                         max_new_tokens=answer_budget(req, settings, task),
                          sampling=req.sampling)
-        generation = start_generation(server, info, run, conversation=built)
+        use_cache = use_cache_field(server, req.body, info)
+        generation = start_generation(server, info, run, conversation=built,
+                                      use_cache=use_cache)
         chunks = protocol.ChatChunks(generation.model.id, system_fingerprint(info),
                                      req.include_usage and req.stream,
                                      legacy_functions=bool(tool_spec and tool_spec.legacy))
         transforms = chat_transforms(req, info, thinking, tool_spec)
-        return respond(generation, chunks, req.stream, req.stop, transforms)
+        transforms.append(CommitAnswer(generation))
+        if retrieval.cache_key is not None:
+            transforms.append(CacheAnswer(rag_cache(server), retrieval.cache_key, generation))
+        return sampling_header(generation, respond(generation, chunks, req.stream, req.stop,
+                                                   transforms))
 
     def completions():
         req = protocol.parse_completion_request(json_body())
@@ -436,7 +457,8 @@ def register_generation_routes(app: Flask, server: Server) -> None:
         generation = start_generation(server, info, run, conversation=built)
         chunks = protocol.CompletionChunks(generation.model.id, system_fingerprint(info),
                                            req.include_usage and req.stream)
-        return respond(generation, chunks, req.stream, req.stop, [])
+        return sampling_header(generation,
+                               respond(generation, chunks, req.stream, req.stop, []))
 
     for path in ("/v1/chat/completions", "/chat/completions"):
         app.add_url_rule(path, "chat_completions" + path, chat_completions, methods=["POST"])
@@ -444,10 +466,72 @@ def register_generation_routes(app: Flask, server: Server) -> None:
         app.add_url_rule(path, "completions" + path, completions, methods=["POST"])
 
 
-def decide_thinking(req: protocol.ChatRequest, info) -> tuple:
+UNAPPLIED_SAMPLING_HEADER = "X-RKLLM-Sampling-Unapplied"
+
+
+def sampling_header(generation, response: Response) -> Response:
+    """Name the request's sampling fields the runtime could not apply (librkllmrt 1.2
+    fixes sampling at load; no NPU runtime has a seed): the request still succeeds."""
+    unapplied = getattr(generation, "unapplied_sampling", ())
+    if not unapplied and generation.result is not None:
+        unapplied = generation.result.unapplied_sampling
+    if unapplied:
+        response.headers[UNAPPLIED_SAMPLING_HEADER] = ",".join(unapplied)
+    # How the KV cache served the run (known here for non-streamed replies only).
+    prefilled = getattr(generation, "prefilled_tokens", None)
+    if prefilled is not None:
+        response.headers["X-RKLLM-Prefill-Tokens"] = str(prefilled)
+        response.headers["X-RKLLM-KV"] = getattr(generation, "kv_mode", "") or "-"
+    return response
+
+
+class CommitAnswer:
+    """Last stream transform of a chat reply: once the run finished normally, tell the
+    engine the answer (content + tool calls) so the next turn can reuse the KV cache."""
+
+    def __init__(self, generation):
+        self.generation = generation
+
+    def __call__(self, events: Iterator) -> Iterator:
+        content, calls = [], []
+        for event in events:
+            kind = type(event)
+            if kind is ContentDelta:
+                content.append(event.text)
+            elif kind is ToolCallDelta:
+                for delta in event.calls:
+                    merge_tool_call_delta(calls, delta)
+            elif kind is Finished:
+                self.generation.commit_answer("".join(content), calls or None)
+            yield event
+
+
+def use_cache_field(server: Server, body: dict, info) -> str:
+    """The request's `use_cache` (a named prompt cache of this model), checked now so a
+    bad or unknown name is a 400/404 before the run."""
+    name = body.get("use_cache")
+    if name is None or name == "":
+        return ""
+    import engine as engine_module
+    import kvcache
+    try:
+        server.engine.prompt_cache(info.id, name)
+    except kvcache.CacheNameError as exc:
+        raise RequestError(str(exc), param="use_cache") from None
+    except engine_module.CacheNotFound as exc:
+        raise cache_not_found(exc) from None
+    return name
+
+
+def cache_not_found(exc) -> RequestError:
+    return RequestError(str(exc), status=404, param="use_cache", code="cache_not_found")
+
+
+def decide_thinking(req: protocol.ChatRequest, info, policy_off: bool = False) -> tuple:
     """(enable_thinking, messages): thinking.py decides from the model's capability
     and the request (chat_template_kwargs.enable_thinking, reasoning_effort, /think
-    and /no_think in the last user message, which are removed from the prompt)."""
+    and /no_think in the last user message, which are removed from the prompt).
+    policy_off: the server turns it off (background tasks, Home Assistant)."""
     import thinking
     messages = req.messages
     last_user = next((i for i in range(len(messages) - 1, -1, -1)
@@ -455,7 +539,7 @@ def decide_thinking(req: protocol.ChatRequest, info) -> tuple:
     last_text = messages[last_user]["content"] if last_user is not None else ""
     try:
         enable, cleaned = thinking.resolve_thinking(
-            "thinking" in info.capabilities, req.body, last_text or "", policy_off=False)
+            "thinking" in info.capabilities, req.body, last_text or "", policy_off=policy_off)
     except ValueError as exc:
         raise RequestError(str(exc)) from None
     if last_user is not None and cleaned != last_text:
@@ -553,6 +637,161 @@ class ToolCallTransform:
                                       "function": {"arguments": item.text}}])
 
 
+# ----------------------------------------------------------------------------
+# client integrations: Open WebUI background tasks and Home Assistant (clients.py),
+# retrieved context and its response cache (rag.py). They decide what runs and how;
+# replies without a model run go through the same two renderings as the pipeline.
+
+
+def classify_client(req: protocol.ChatRequest):
+    """Who asks: an Open WebUI background task, Home Assistant, or a person chatting."""
+    import clients
+    return clients.classify(req.messages, req.tools, req.body.get("functions"))
+
+
+def answer_budget(req: protocol.ChatRequest, settings: Settings, task) -> int:
+    """max_new_tokens: the request's (or the default), capped for a background task
+    so a rambling model cannot hold the device for housekeeping."""
+    import clients
+    wanted = req.max_tokens or settings.default_max_tokens
+    budget = clients.task_budget(task.kind)
+    return min(wanted, budget) if budget else wanted
+
+
+def standalone_prompt(built):
+    """A turn that must not disturb the conversation's KV state (a background task, a
+    RAG turn): run with keep_history=False, its answer never remembered."""
+    from dataclasses import replace
+    return replace(built, standalone=True)
+
+
+def canned_events(content: str, reasoning: str, usage: protocol.Usage) -> Iterator:
+    """A finished answer as pipeline events, for replies that need no model run."""
+    if reasoning:
+        yield ReasoningDelta(reasoning)
+    if content:
+        yield ContentDelta(content)
+    yield Finished("stop")
+    yield UsageReport(usage)
+
+
+def estimated_usage(messages: list, answer: str) -> protocol.Usage:
+    """Token counts of a reply the model did not write: the project's estimate."""
+    import prompts
+    prompt_text = "\n".join(m.get("content") or "" for m in messages)
+    return protocol.Usage(prompts.estimate_tokens(prompt_text), prompts.estimate_tokens(answer))
+
+
+def respond_canned(req: protocol.ChatRequest, info, content: str, reasoning: str,
+                   usage: protocol.Usage) -> Response:
+    """respond() for an answer already known: the same renderings, no generation."""
+    chunks = protocol.ChatChunks(info.id, system_fingerprint(info),
+                                 req.include_usage and req.stream)
+    events = canned_events(content, reasoning, usage)
+    if not req.stream:
+        return jsonify(collect_body(events, chunks))
+    return Response(render_sse(events, chunks), mimetype="text/event-stream",
+                    headers=SSE_HEADERS)
+
+
+def instant_reply(server: Server, req: protocol.ChatRequest, info, task) -> Optional[Response]:
+    """An Open WebUI background task answered without the model (title, tags,
+    queries; each shortcut can be switched off in settings), or None."""
+    if not task.background:
+        return None
+    import clients
+    answer = clients.instant_answer(task, server.settings)
+    if answer is None:
+        return None
+    return respond_canned(req, info, answer, "", estimated_usage(req.messages, answer))
+
+
+class RetrievalTurn:
+    """rag.plan_turn's outcome for one request: the messages to answer and, for a
+    turn that uses the sources, its response-cache key (None: no caching)."""
+
+    def __init__(self, plan, messages: list, cache_key: Optional[str] = None):
+        self.plan, self.messages, self.cache_key = plan, messages, cache_key
+
+    @property
+    def standalone(self) -> bool:
+        """The sources are used: the turn is self-contained (sources + question)."""
+        return self.plan is not None and self.plan.use_sources
+
+    @property
+    def thinking_off(self) -> bool:
+        return self.standalone and self.plan.disable_thinking
+
+
+def plan_retrieval(server: Server, req: protocol.ChatRequest, messages: list,
+                   info) -> RetrievalTurn:
+    """Retrieved context in the request: the cleaned reading-comprehension turn, the
+    chat without the sources (a "thanks" or an off-topic follow-up), or no change."""
+    import rag
+    from datetime import date
+    plan = rag.plan_turn(messages, context_length=info.context_length, today=date.today(),
+                         settings=server.settings)
+    if plan is None:
+        return RetrievalTurn(None, messages)
+    if not plan.use_sources:
+        return RetrievalTurn(plan, plan.messages)
+    turn = [{"role": "system", "content": plan.prompt.system},
+            {"role": "user", "content": plan.prompt.user}]
+    cache = rag_cache(server)
+    # A stop sequence may cut an answer short for its own request only.
+    key = None
+    if cache.enabled and not req.stop:
+        key = cache.key(info.id, plan.prompt.context_hash, plan.rag.question)
+    return RetrievalTurn(plan, turn, key)
+
+
+def cached_reply(server: Server, req: protocol.ChatRequest, info,
+                 retrieval: RetrievalTurn) -> Optional[Response]:
+    """The same question over the same cleaned sources: the stored answer, no run."""
+    if retrieval.cache_key is None:
+        return None
+    hit = rag_cache(server).get(retrieval.cache_key)
+    if hit is None:
+        return None
+    usage = estimated_usage(retrieval.messages, hit["content"])
+    return respond_canned(req, info, hit["content"], hit["reasoning"], usage)
+
+
+class CacheAnswer:
+    """Stream transform, last in the chain: a RAG answer that came to its natural
+    end (no tool call, no failure, no server limit) goes into the response cache."""
+
+    def __init__(self, cache, key: str, generation):
+        self.cache, self.key, self.generation = cache, key, generation
+
+    def __call__(self, events: Iterator) -> Iterator:
+        content, reasoning, whole = [], [], True
+        for event in events:
+            kind = type(event)
+            if kind is ContentDelta:
+                content.append(event.text)
+            elif kind is ReasoningDelta:
+                reasoning.append(event.text)
+            elif kind is ToolCallDelta or kind is Failure:
+                whole = False
+            elif kind is Finished and whole and event.reason == "stop" \
+                    and getattr(self.generation, "stop_cause", None) is None:
+                self.cache.put(self.key, {"content": "".join(content),
+                                          "reasoning": "".join(reasoning)})
+            yield event
+
+
+def rag_cache(server: Server):
+    """The app's RAG response cache, made on first use (dict.setdefault is atomic,
+    so two request threads cannot end up with two caches)."""
+    cache = vars(server).get("rag_cache")
+    if cache is None:
+        import rag
+        cache = vars(server).setdefault("rag_cache",
+                                        rag.ResponseCache.from_settings(server.settings))
+    return cache
+
+
 def build_chat_prompt(server: Server, messages: list, req: protocol.ChatRequest, info,
                       tools_prompt: str = ""):
     import prompts
@@ -625,6 +864,77 @@ def register_model_routes(app: Flask, server: Server) -> None:
         return jsonify({"status": "ok", "unloaded": server.engine.unload(name)})
 
 
+def register_cache_routes(app: Flask, server: Server) -> None:
+    """Named prompt caches: prefill a prompt once, save its KV state, load it before a
+    chat with `use_cache` (kvcache.py; files confined to the cache directory)."""
+    import engine as engine_module
+    import kvcache
+
+    def guarded(action):
+        try:
+            return action()
+        except kvcache.CacheNameError as exc:
+            raise RequestError(str(exc), param="name") from None
+        except engine_module.ModelNotFound as exc:
+            raise protocol.model_not_found(exc.model) from None
+        except engine_module.CacheNotFound as exc:
+            raise cache_not_found(exc) from None
+        except (engine_module.QueueFull, engine_module.QueueTimeout) as exc:
+            raise protocol.server_busy(str(exc), getattr(exc, "retry_after", 5)) from None
+        except engine_module.EngineError as exc:
+            raise protocol.runtime_failure(str(exc)) from None
+
+    def cache_prompt(body, info) -> str:
+        if not isinstance(body, dict):
+            raise RequestError("the body must be a JSON object")
+        if isinstance(body.get("prompt"), str) and body["prompt"].strip():
+            import prompts
+            return prompts.strip_special_tokens(body["prompt"])
+        if "messages" in body:
+            import prompts
+            try:
+                return _prompt_builder(server).build_chat(
+                    body["messages"], context_length=info.context_length).text
+            except ValueError as exc:
+                raise RequestError(str(exc), param="messages") from None
+        raise RequestError("give a non-empty 'prompt' string or 'messages'", param="prompt")
+
+    @app.post("/v1/cache/<path:model>")
+    def create_cache(model):
+        body = json_body()
+        model, _, name = model.partition("/")
+        name = name or (body.get("cache_name") or body.get("name") if isinstance(body, dict)
+                        else None)
+        if not name:
+            raise RequestError("name the cache: /v1/cache/<model>/<name>", param="name")
+        info = server.resolve_model(model)
+        guarded(lambda: kvcache.check_cache_name(name))
+        prompt = guarded(lambda: cache_prompt(body, info))
+        started = time.monotonic()
+        cache = guarded(lambda: server.engine.save_prompt_cache(info.id, name, prompt))
+        return jsonify({**cache.as_dict(), "object": "cache.created",
+                        "seconds": round(time.monotonic() - started, 3)}), 201
+
+    @app.get("/v1/cache/<path:model>")
+    def read_cache(model):
+        model, _, name = model.partition("/")
+        info = server.resolve_model(model)
+        if not name:
+            caches = guarded(lambda: server.engine.prompt_caches(info.id))
+            return jsonify({"object": "list", "data": [c.as_dict() for c in caches]})
+        return jsonify(guarded(lambda: server.engine.prompt_cache(info.id, name)).as_dict())
+
+    @app.delete("/v1/cache/<path:model>")
+    def delete_cache(model):
+        model, _, name = model.partition("/")
+        info = server.resolve_model(model)
+        if not name:
+            raise RequestError("name the cache: /v1/cache/<model>/<name>", param="name")
+        guarded(lambda: server.engine.delete_prompt_cache(info.id, name))
+        return jsonify({"object": "cache.deleted", "model": info.id, "name": name,
+                        "deleted": True})
+
+
 def register_status_routes(app: Flask, server: Server) -> None:
     @app.get("/health")
     def health():
@@ -687,6 +997,7 @@ def create_app(settings: Optional[Settings] = None, *, registry=None, engine=Non
     register_error_handlers(app)
     register_generation_routes(app, server)
     register_model_routes(app, server)
+    register_cache_routes(app, server)
     register_status_routes(app, server)
     log.info("rkllm-api %s ready: models root %s", SERVER_VERSION, settings.models_root_path)
     return app

