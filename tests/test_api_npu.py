@@ -359,3 +359,19 @@ def test_legacy_functions_get_a_function_call(server):
              if "function_call" in p["choices"][0]["delta"]]
     assert calls[0]["name"] == "get_weather"
     assert payloads[-2]["choices"][0]["finish_reason"] == "function_call"
+
+
+# ---- context overflow ----
+
+@pytest.mark.parametrize("route, field", [(CHAT, "messages"), ("/v1/completions", "prompt")])
+def test_prompt_too_long_is_400_before_the_model_runs(server, route, field):
+    text = "word " * 30_000   # ~8,600 tokens by the estimate: over the 4096 context
+    body = user(text) if field == "messages" else {"model": NPU_MODEL_ID, "prompt": text}
+    calls_before = len(server.record.entries())
+    response = server.post(route, json=body)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == "context_length_exceeded" and error["param"] == field
+    assert error["type"] == "invalid_request_error"
+    new_calls = [e["call"] for e in server.record.entries()[calls_before:]]
+    assert "run" not in new_calls and "init" not in new_calls
