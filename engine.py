@@ -20,7 +20,6 @@ QueueFull) to 503 + Retry-After, ModelNotFound to 404, ModelLoadFailed to 500.
 from __future__ import annotations
 
 import collections
-import inspect
 import logging
 import math
 import os
@@ -31,6 +30,7 @@ from dataclasses import dataclass, replace
 from typing import Iterator, Optional, Union
 
 import runtime as runtime_module
+import sampling
 from repetition import RepetitionGuard
 from runtime import EventKind, FinishReason, PerfStats, RunRequest, RunResult, TokenEvent
 
@@ -1042,9 +1042,11 @@ class Engine:
         started = time.monotonic()
         log.info("loading %s on %s (context %d)", model.id, slot.device, model.context_length)
         try:
-            runtime = self._runtime_factory(model.path, context_length=model.context_length,
-                                            settings=self.settings,
-                                            **self._sampling_keyword(model))
+            # The model's sampling defaults: family profile + model_config.json
+            # (librkllmrt 1.2 can only take them at init).
+            runtime = self._runtime_factory(
+                model.path, context_length=model.context_length, settings=self.settings,
+                default_sampling=sampling.model_defaults(model.family, model.config))
         except Exception as exc:
             log.error("loading %s failed: %s", model.id, exc)
             raise ModelLoadFailed(model.id, str(exc) or type(exc).__name__) from exc
@@ -1054,20 +1056,6 @@ class Engine:
             slot.kv.reset(model, base)
         log.info("loaded %s on %s in %.1f s", model.id, slot.device, time.monotonic() - started)
         return runtime
-
-    def _sampling_keyword(self, model) -> dict:
-        """default_sampling= for factories that take it: the model's family profile plus
-        its model_config.json "sampling" block (librkllmrt 1.2 can only take it at init)."""
-        try:
-            parameters = inspect.signature(self._runtime_factory).parameters
-        except (TypeError, ValueError):
-            return {}
-        takes = "default_sampling" in parameters or any(
-            p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-        if not takes:
-            return {}
-        import sampling
-        return {"default_sampling": sampling.model_defaults(model.family, model.config)}
 
     def _preload_system_cache(self, runtime, model) -> Optional[tuple]:
         """Load the system prompt cache this model used last, when still valid."""

@@ -684,9 +684,7 @@ class RKLLMRuntime:
     device = "npu"
 
     def __init__(self, model_path: str, *, context_length: int, settings=None,
-                 init_sampling: Optional[SamplingParams] = None, base_domain_id: int = 0,
-                 default_sampling: Optional[SamplingParams] = None):
-        init_sampling = init_sampling or default_sampling  # runtime.open_runtime's name
+                 init_sampling: Optional[SamplingParams] = None, base_domain_id: int = 0):
         if settings is None:
             from config import Settings
             settings = Settings.from_env()
