@@ -228,25 +228,47 @@ def render_sse(events: Iterator, chunks: protocol.ChatChunks) -> Iterator[str]:
     yield protocol.DONE_LINE
 
 
-def collect_body(events: Iterator, chunks: protocol.ChatChunks) -> dict:
-    content, reasoning, calls = [], [], []
-    finish, usage = "stop", protocol.Usage(0, 0)
-    for event in events:
+class AnswerSoFar:
+    """The reply the events describe so far: what the JSON body, the KV commit and
+    the RAG response cache each need, folded in one place."""
+
+    def __init__(self):
+        self._content, self._reasoning, self.calls = [], [], []
+        self.finish, self.usage, self.failure = "stop", protocol.Usage(0, 0), None
+
+    def add(self, event) -> None:
         kind = type(event)
         if kind is ContentDelta:
-            content.append(event.text)
+            self._content.append(event.text)
         elif kind is ReasoningDelta:
-            reasoning.append(event.text)
+            self._reasoning.append(event.text)
         elif kind is ToolCallDelta:
             for delta in event.calls:
-                merge_tool_call_delta(calls, delta)
+                merge_tool_call_delta(self.calls, delta)
         elif kind is Finished:
-            finish = event.reason
+            self.finish = event.reason
         elif kind is UsageReport:
-            usage = event.usage
+            self.usage = event.usage
         elif kind is Failure:
-            raise protocol.runtime_failure(event.message)
-    return chunks.body("".join(content), "".join(reasoning), calls, finish, usage)
+            self.failure = event.message
+
+    @property
+    def content(self) -> str:
+        return "".join(self._content)
+
+    @property
+    def reasoning(self) -> str:
+        return "".join(self._reasoning)
+
+
+def collect_body(events: Iterator, chunks: protocol.ChatChunks) -> dict:
+    answer = AnswerSoFar()
+    for event in events:
+        answer.add(event)
+        if answer.failure is not None:
+            raise protocol.runtime_failure(answer.failure)
+    return chunks.body(answer.content, answer.reasoning, answer.calls, answer.finish,
+                       answer.usage)
 
 
 def merge_tool_call_delta(calls: list, delta: dict) -> None:
@@ -493,16 +515,11 @@ class CommitAnswer:
         self.generation = generation
 
     def __call__(self, events: Iterator) -> Iterator:
-        content, calls = [], []
+        answer = AnswerSoFar()
         for event in events:
-            kind = type(event)
-            if kind is ContentDelta:
-                content.append(event.text)
-            elif kind is ToolCallDelta:
-                for delta in event.calls:
-                    merge_tool_call_delta(calls, delta)
-            elif kind is Finished:
-                self.generation.commit_answer("".join(content), calls or None)
+            answer.add(event)
+            if type(event) is Finished:
+                self.generation.commit_answer(answer.content, answer.calls or None)
             yield event
 
 
@@ -765,20 +782,17 @@ class CacheAnswer:
         self.cache, self.key, self.generation = cache, key, generation
 
     def __call__(self, events: Iterator) -> Iterator:
-        content, reasoning, whole = [], [], True
+        answer = AnswerSoFar()
         for event in events:
-            kind = type(event)
-            if kind is ContentDelta:
-                content.append(event.text)
-            elif kind is ReasoningDelta:
-                reasoning.append(event.text)
-            elif kind is ToolCallDelta or kind is Failure:
-                whole = False
-            elif kind is Finished and whole and event.reason == "stop" \
-                    and getattr(self.generation, "stop_cause", None) is None:
-                self.cache.put(self.key, {"content": "".join(content),
-                                          "reasoning": "".join(reasoning)})
+            answer.add(event)
+            if type(event) is Finished and self._complete(answer):
+                self.cache.put(self.key, {"content": answer.content,
+                                          "reasoning": answer.reasoning})
             yield event
+
+    def _complete(self, answer: AnswerSoFar) -> bool:
+        return (answer.finish == "stop" and not answer.calls and answer.failure is None
+                and getattr(self.generation, "stop_cause", None) is None)
 
 
 def rag_cache(server: Server):
