@@ -34,8 +34,9 @@ from dataclasses import dataclass
 from datetime import date
 from typing import Any, Callable, Optional
 
-from config import Settings
-from prompts import CHARS_PER_TOKEN  # the project's one token estimate (chars per token)
+from rkllm_api.config import Settings
+from rkllm_api.request import Message, TextPart, last_index
+from rkllm_api.text.prompts import CHARS_PER_TOKEN  # the project's one token estimate (chars per token)
 
 # A small English stopword list of our own: function words whose share in a
 # paragraph separates prose (high share) from menus and link lists (low share).
@@ -137,16 +138,6 @@ _TEMPLATE_OPENERS = re.compile(r"^[ \t]*(?:###\s*Task:|You are given a user quer
 _TEMPLATE_SIGNATURE = re.compile(r"###\s*Task:|<user_query>|<rules>", re.I)
 
 
-def message_text(content: Any) -> str:
-    """Text of an OpenAI message content: a string or a list of parts."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "\n".join(part.get("text", "") for part in content
-                         if isinstance(part, dict) and part.get("type") == "text")
-    return ""
-
-
 def _parse_sources(block: str) -> tuple[tuple, str]:
     """Sources inside a RAG block and the layout they were written in."""
     tags = _SOURCE_TAG.findall(block)
@@ -209,22 +200,15 @@ def _context_block(text: str, start: int, end: int) -> str:
     return text[start:end]
 
 
-def _last_user_index(messages: list) -> Optional[int]:
-    for index in range(len(messages) - 1, -1, -1):
-        if isinstance(messages[index], dict) and messages[index].get("role") == "user":
-            return index
-    return None
-
-
-def detect(messages: list) -> Optional[RagInput]:
+def detect(messages) -> Optional[RagInput]:
     """Retrieved context in the last user message (checked first: Open WebUI's
-    default placement) or in a system message; None when the request has none."""
-    last_user = _last_user_index(messages)
+    default placement) or in a system message; None when the request has none.
+    messages: typed request Messages (rkllm_api.request)."""
+    last_user = last_index(messages, "user")
     candidates = [] if last_user is None else [(last_user, "user")]
-    candidates += [(i, "system") for i, m in enumerate(messages)
-                   if isinstance(m, dict) and m.get("role") == "system"]
+    candidates += [(i, "system") for i, m in enumerate(messages) if m.role == "system"]
     for index, placement in candidates:
-        text = message_text(messages[index].get("content"))
+        text = messages[index].text
         span = _rag_span(text)
         if span is None:
             continue
@@ -233,37 +217,26 @@ def detect(messages: list) -> Optional[RagInput]:
         if placement == "user":
             # The template was put in front of the user's words: what follows it is theirs.
             question = text[end:].strip() or template_question
-            system_text = ""
-            for m in messages:
-                if isinstance(m, dict) and m.get("role") == "system":
-                    system_text = message_text(m.get("content")).strip()
-                    break
+            system_text = next((m.text.strip() for m in messages if m.role == "system"), "")
         else:
-            user_text = "" if last_user is None else message_text(
-                messages[last_user].get("content")).strip()
+            user_text = "" if last_user is None else messages[last_user].text.strip()
             question = user_text or template_question
             system_text = (text[:start] + text[end:]).strip()
         return RagInput(sources, question, placement, index, system_text, layout)
     return None
 
 
-def without_context(messages: list, rag: RagInput) -> list:
-    """A copy of messages with the retrieved context taken out again, for turns
-    answered from the conversation alone (follow-up skip)."""
-    result = [dict(m) if isinstance(m, dict) else m for m in messages]
+def without_context(messages, rag: RagInput) -> tuple:
+    """The messages with the retrieved context taken out again, for turns answered
+    from the conversation alone (follow-up skip). Images of the carrier stay."""
+    result = list(messages)
     carrier = result[rag.message_index]
-    if rag.placement == "system":
-        if rag.system_text:
-            carrier["content"] = rag.system_text
-        else:
-            del result[rag.message_index]
-    elif isinstance(carrier.get("content"), list):
-        others = [p for p in carrier["content"]
-                  if not (isinstance(p, dict) and p.get("type") == "text")]
-        carrier["content"] = [{"type": "text", "text": rag.question}] + others
+    if rag.placement == "system" and not rag.system_text:
+        del result[rag.message_index]
     else:
-        carrier["content"] = rag.question
-    return result
+        text = rag.system_text if rag.placement == "system" else rag.question
+        result[rag.message_index] = carrier.with_text(text)
+    return tuple(result)
 
 
 # ---------------------------------------------------------------------------
@@ -801,15 +774,20 @@ class RagPlan:
     rag: RagInput
     decision: str                  # a FollowUp value
     prompt: Optional[RagPrompt]    # None when the sources are skipped
-    messages: list                 # the request's messages with the context taken out
+    messages: tuple                # the request's messages with the context taken out
     disable_thinking: bool         # RAG turn on a context below rag_below_ctx
 
     @property
     def use_sources(self) -> bool:
         return self.prompt is not None
 
+    def turn_messages(self) -> tuple:
+        """The standalone reading-comprehension turn (use_sources only)."""
+        return (Message("system", (TextPart(self.prompt.system),)),
+                Message("user", (TextPart(self.prompt.user),)))
 
-def plan_turn(messages: list, *, context_length: int, today: date,
+
+def plan_turn(messages, *, context_length: int, today: date,
               settings: Optional[Settings] = None) -> Optional[RagPlan]:
     """detect + classify_followup + build_rag_prompt; None without retrieved context.
 
@@ -820,11 +798,10 @@ def plan_turn(messages: list, *, context_length: int, today: date,
     if rag is None:
         return None
     stripped = without_context(messages, rag)
-    last_user = _last_user_index(stripped)
+    last_user = last_index(stripped, "user")
     earlier = stripped[:last_user] if last_user is not None else stripped
-    has_history = any(isinstance(m, dict) and m.get("role") == "assistant" for m in earlier)
-    history_text = "\n".join(message_text(m.get("content")) for m in earlier
-                             if isinstance(m, dict) and m.get("role") in ("user", "assistant"))
+    has_history = any(m.role == "assistant" for m in earlier)
+    history_text = "\n".join(m.text for m in earlier if m.role in ("user", "assistant"))
     decision = classify_followup(rag.question, rag.reference_text, has_history, history_text)
     if decision in FollowUp.SKIPS:
         return RagPlan(rag, decision, None, stripped, False)

@@ -28,8 +28,9 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-from runtime import (EventKind, EventSink, FinishReason, PerfStats, RunMode, RunRequest,
-                     RunResult, RuntimeLoadError, SamplingParams, TokenEvent)
+from rkllm_api.runtimes.base import (Capabilities, EventKind, EventSink, FinishReason, PerfStats,
+                                     RunMode, RunRequest, RunResult, RuntimeLoadError,
+                                     SamplingParams, TokenEvent)
 
 log = logging.getLogger(__name__)
 
@@ -329,7 +330,7 @@ class _CDeclaration:
     optional: bool  # absent from some releases of the generation
 
 
-def _c_function(name: str, argtypes: list, restype, *, optional: bool = False):
+def c_function(name: str, argtypes: list, restype, *, optional: bool = False):
     """Marks a wrapper method with the C function it calls; the library class sets
     argtypes/restype on that function once, when it binds the library."""
     def mark(wrapper):
@@ -382,32 +383,32 @@ class LibrkllmrtBase:
         return getattr(self._c, name)
 
     # int rkllm_destroy(LLMHandle handle);
-    @_c_function("rkllm_destroy", [LLMHandle], ctypes.c_int)
+    @c_function("rkllm_destroy", [LLMHandle], ctypes.c_int)
     def rkllm_destroy(self, handle: LLMHandle) -> int:
         return self._c.rkllm_destroy(handle)
 
     # int rkllm_load_lora(LLMHandle handle, RKLLMLoraAdapter* lora_adapter);
-    @_c_function("rkllm_load_lora", [LLMHandle, ctypes.POINTER(RKLLMLoraAdapter)], ctypes.c_int)
+    @c_function("rkllm_load_lora", [LLMHandle, ctypes.POINTER(RKLLMLoraAdapter)], ctypes.c_int)
     def rkllm_load_lora(self, handle: LLMHandle, adapter) -> int:
         return self._c.rkllm_load_lora(handle, adapter)
 
     # int rkllm_load_prompt_cache(LLMHandle handle, const char* prompt_cache_path);
-    @_c_function("rkllm_load_prompt_cache", [LLMHandle, ctypes.c_char_p], ctypes.c_int)
+    @c_function("rkllm_load_prompt_cache", [LLMHandle, ctypes.c_char_p], ctypes.c_int)
     def rkllm_load_prompt_cache(self, handle: LLMHandle, path: bytes) -> int:
         return self._c.rkllm_load_prompt_cache(handle, path)
 
     # int rkllm_release_prompt_cache(LLMHandle handle);
-    @_c_function("rkllm_release_prompt_cache", [LLMHandle], ctypes.c_int)
+    @c_function("rkllm_release_prompt_cache", [LLMHandle], ctypes.c_int)
     def rkllm_release_prompt_cache(self, handle: LLMHandle) -> int:
         return self._c.rkllm_release_prompt_cache(handle)
 
     # int rkllm_abort(LLMHandle handle);
-    @_c_function("rkllm_abort", [LLMHandle], ctypes.c_int)
+    @c_function("rkllm_abort", [LLMHandle], ctypes.c_int)
     def rkllm_abort(self, handle: LLMHandle) -> int:
         return self._c.rkllm_abort(handle)
 
     # int rkllm_is_running(LLMHandle handle);   (meaning of the result differs by generation)
-    @_c_function("rkllm_is_running", [LLMHandle], ctypes.c_int)
+    @c_function("rkllm_is_running", [LLMHandle], ctypes.c_int)
     def rkllm_is_running(self, handle: LLMHandle) -> int:
         return self._c.rkllm_is_running(handle)
 
@@ -416,7 +417,7 @@ class LibrkllmrtBase:
 
     # int rkllm_clear_kv_cache(LLMHandle handle, int keep_system_prompt,
     #                          int* start_pos, int* end_pos);
-    @_c_function("rkllm_clear_kv_cache",
+    @c_function("rkllm_clear_kv_cache",
                  [LLMHandle, ctypes.c_int, ctypes.POINTER(ctypes.c_int),
                   ctypes.POINTER(ctypes.c_int)],
                  ctypes.c_int)
@@ -425,14 +426,14 @@ class LibrkllmrtBase:
         return self._c.rkllm_clear_kv_cache(handle, keep_system_prompt, start_pos, end_pos)
 
     # int rkllm_get_kv_cache_size(LLMHandle handle, int* cache_sizes);
-    @_c_function("rkllm_get_kv_cache_size", [LLMHandle, ctypes.POINTER(ctypes.c_int)],
+    @c_function("rkllm_get_kv_cache_size", [LLMHandle, ctypes.POINTER(ctypes.c_int)],
                  ctypes.c_int, optional=True)
     def rkllm_get_kv_cache_size(self, handle: LLMHandle, cache_sizes) -> int:
         return self._require("rkllm_get_kv_cache_size")(handle, cache_sizes)
 
     # int rkllm_set_chat_template(LLMHandle handle, const char* system_prompt,
     #                             const char* prompt_prefix, const char* prompt_postfix);
-    @_c_function("rkllm_set_chat_template",
+    @c_function("rkllm_set_chat_template",
                  [LLMHandle, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p], ctypes.c_int,
                  optional=True)
     def rkllm_set_chat_template(self, handle: LLMHandle, system_prompt: bytes,
@@ -442,7 +443,7 @@ class LibrkllmrtBase:
 
     # int rkllm_set_function_tools(LLMHandle handle, const char* system_prompt,
     #                              const char* tools, const char* tool_response_str);
-    @_c_function("rkllm_set_function_tools",
+    @c_function("rkllm_set_function_tools",
                  [LLMHandle, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p], ctypes.c_int,
                  optional=True)
     def rkllm_set_function_tools(self, handle: LLMHandle, system_prompt: bytes, tools: bytes,
@@ -452,7 +453,7 @@ class LibrkllmrtBase:
 
     # int rkllm_set_cross_attn_params(LLMHandle handle, RKLLMCrossAttnParam* cross_attn_params);
     # The project's ABI notes do not give RKLLMCrossAttnParam's layout, so it stays opaque.
-    @_c_function("rkllm_set_cross_attn_params", [LLMHandle, ctypes.c_void_p], ctypes.c_int,
+    @c_function("rkllm_set_cross_attn_params", [LLMHandle, ctypes.c_void_p], ctypes.c_int,
                  optional=True)
     def rkllm_set_cross_attn_params(self, handle: LLMHandle, params: ctypes.c_void_p) -> int:
         return self._require("rkllm_set_cross_attn_params")(handle, params)
@@ -465,26 +466,26 @@ class Librkllmrt_1_2(LibrkllmrtBase):
     InferParam = RKLLMInferParam_1_2
 
     # RKLLMParam rkllm_createDefaultParam(void);
-    @_c_function("rkllm_createDefaultParam", [], RKLLMParam_1_2)
+    @c_function("rkllm_createDefaultParam", [], RKLLMParam_1_2)
     def rkllm_createDefaultParam(self) -> RKLLMParam_1_2:
         return self._c.rkllm_createDefaultParam()
 
     # int rkllm_init(LLMHandle* handle, RKLLMParam* param, LLMResultCallback callback);
-    @_c_function("rkllm_init", [ctypes.POINTER(LLMHandle), ctypes.POINTER(RKLLMParam_1_2),
+    @c_function("rkllm_init", [ctypes.POINTER(LLMHandle), ctypes.POINTER(RKLLMParam_1_2),
                                 LLMResultCallback], ctypes.c_int)
     def rkllm_init(self, handle, param, callback) -> int:
         return self._c.rkllm_init(handle, param, callback)
 
     # int rkllm_run(LLMHandle handle, RKLLMInput* rkllm_input, RKLLMInferParam* rkllm_infer_params,
     #               void* userdata);
-    @_c_function("rkllm_run", [LLMHandle, ctypes.POINTER(RKLLMInput_1_2),
+    @c_function("rkllm_run", [LLMHandle, ctypes.POINTER(RKLLMInput_1_2),
                                ctypes.POINTER(RKLLMInferParam_1_2), ctypes.c_void_p], ctypes.c_int)
     def rkllm_run(self, handle: LLMHandle, rkllm_input, infer_params, userdata=None) -> int:
         return self._c.rkllm_run(handle, rkllm_input, infer_params, userdata)
 
     # int rkllm_run_async(LLMHandle handle, RKLLMInput* rkllm_input,
     #                     RKLLMInferParam* rkllm_infer_params, void* userdata);
-    @_c_function("rkllm_run_async", [LLMHandle, ctypes.POINTER(RKLLMInput_1_2),
+    @c_function("rkllm_run_async", [LLMHandle, ctypes.POINTER(RKLLMInput_1_2),
                                      ctypes.POINTER(RKLLMInferParam_1_2), ctypes.c_void_p],
                  ctypes.c_int, optional=True)
     def rkllm_run_async(self, handle: LLMHandle, rkllm_input, infer_params, userdata=None) -> int:
@@ -501,26 +502,26 @@ class Librkllmrt_1_3(LibrkllmrtBase):
     InferParam = RKLLMInferParam_1_3
 
     # RKLLMParam rkllm_createDefaultParam(void);
-    @_c_function("rkllm_createDefaultParam", [], RKLLMParam_1_3)
+    @c_function("rkllm_createDefaultParam", [], RKLLMParam_1_3)
     def rkllm_createDefaultParam(self) -> RKLLMParam_1_3:
         return self._c.rkllm_createDefaultParam()
 
     # int rkllm_init(LLMHandle* handle, RKLLMParam* param, RKLLMCallback* callback);
-    @_c_function("rkllm_init", [ctypes.POINTER(LLMHandle), ctypes.POINTER(RKLLMParam_1_3),
+    @c_function("rkllm_init", [ctypes.POINTER(LLMHandle), ctypes.POINTER(RKLLMParam_1_3),
                                 ctypes.POINTER(RKLLMCallback_1_3)], ctypes.c_int)
     def rkllm_init(self, handle, param, callbacks) -> int:
         return self._c.rkllm_init(handle, param, callbacks)
 
     # int rkllm_run(LLMHandle handle, RKLLMInput* rkllm_input, RKLLMInferParam* rkllm_infer_params,
     #               void* userdata);
-    @_c_function("rkllm_run", [LLMHandle, ctypes.POINTER(RKLLMInput_1_3),
+    @c_function("rkllm_run", [LLMHandle, ctypes.POINTER(RKLLMInput_1_3),
                                ctypes.POINTER(RKLLMInferParam_1_3), ctypes.c_void_p], ctypes.c_int)
     def rkllm_run(self, handle: LLMHandle, rkllm_input, infer_params, userdata=None) -> int:
         return self._c.rkllm_run(handle, rkllm_input, infer_params, userdata)
 
     # int rkllm_run_async(LLMHandle handle, RKLLMInput* rkllm_input,
     #                     RKLLMInferParam* rkllm_infer_params, void* userdata);
-    @_c_function("rkllm_run_async", [LLMHandle, ctypes.POINTER(RKLLMInput_1_3),
+    @c_function("rkllm_run_async", [LLMHandle, ctypes.POINTER(RKLLMInput_1_3),
                                      ctypes.POINTER(RKLLMInferParam_1_3), ctypes.c_void_p],
                  ctypes.c_int, optional=True)
     def rkllm_run_async(self, handle: LLMHandle, rkllm_input, infer_params, userdata=None) -> int:
@@ -679,14 +680,18 @@ class _Run:
 
 
 class RKLLMRuntime:
-    """One .rkllm model loaded by librkllmrt on the NPU (see runtime.Runtime)."""
+    """One .rkllm model loaded by librkllmrt on the NPU (see runtimes.base.Runtime)."""
 
     device = "npu"
+    # librkllmrt saves a prompt cache only during a run, after prefill: snapshots
+    # are taken then (see save_kv_snapshot below).
+    capabilities = Capabilities(snapshots_at_prefill=True, prompt_caches=True,
+                                embeddings=True, lora=True, counts_tokens=False)
 
     def __init__(self, model_path: str, *, context_length: int, settings=None,
                  init_sampling: Optional[SamplingParams] = None, base_domain_id: int = 0):
         if settings is None:
-            from config import Settings
+            from rkllm_api.config import Settings
             settings = Settings.from_env()
         self.model_path = model_path
         self.context_length = int(context_length)
@@ -994,13 +999,11 @@ class RKLLMRuntime:
         if status != 0:
             raise RuntimeLoadError(f"rkllm_load_prompt_cache failed (code {status}) for {path}")
 
-    # --- conversation snapshots (engine.KvSession; runtime.ConversationFeatures)
+    # --- conversation snapshots (engine.kv_session.KvSession)
     # librkllmrt saves a prompt cache only during a run, after prefill
     # (RKLLMPromptCacheParam): the engine asks for one on every kept turn, and such a
     # file holds the conversation without the answer being generated. Loading it with
     # rkllm_load_prompt_cache restores that state. Not verified on hardware.
-    snapshots_at_prefill = True
-
     def save_kv_snapshot(self, path: str) -> bool:
         return False   # no call saves the KV state outside a run
 

@@ -166,7 +166,7 @@ def _bench_app(shortcuts: bool, models_root: str):
     """The whole API in-process on the bundled SmolLM2 (CPU), one llama.cpp thread
     as on the shared test machine; shortcuts on or all three off."""
     import api
-    from config import Settings
+    from rkllm_api.config import Settings
     settings = Settings(models_root=models_root, include_bundled_model=True, cpu_threads=1,
                         idle_unload_seconds=0,
                         **{switch: shortcuts for switch in SHORTCUT_SWITCHES})

@@ -22,11 +22,13 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from config import Settings  # noqa: E402
-from engine import Engine, GenerationJob  # noqa: E402
-from prompts import PromptBuilder  # noqa: E402
-from registry import Registry  # noqa: E402
-from runtime import EventKind, RunRequest, SamplingParams  # noqa: E402
+from rkllm_api.config import Settings  # noqa: E402
+from rkllm_api.engine.generation import GenerationJob  # noqa: E402
+from rkllm_api.engine.manager import Engine  # noqa: E402
+from rkllm_api.models.registry import Registry  # noqa: E402
+from rkllm_api.openai.protocol import parse_messages  # noqa: E402
+from rkllm_api.runtimes.base import EventKind, RunRequest, SamplingParams  # noqa: E402
+from rkllm_api.text.prompts import PromptBuilder  # noqa: E402
 
 MODEL = "smollm2"
 GREEDY = SamplingParams(temperature=0.0)
@@ -46,12 +48,14 @@ def make_engine(cache_dir: str, threads: int, **overrides) -> Engine:
     settings = Settings(include_bundled_model=True, models_root=os.path.join(cache_dir, "none"),
                         cpu_threads=threads, idle_unload_seconds=0, heartbeat_seconds=0,
                         gguf_max_context_length=8192, kv_cache_dir=cache_dir, **overrides)
-    return Engine(settings, Registry(settings))
+    engine = Engine(settings, Registry(settings))
+    engine.start()
+    return engine
 
 
 def ask(engine: Engine, messages: list) -> tuple:
     """One turn: (answer, ttft seconds, prefilled tokens, kv mode)."""
-    built = PromptBuilder(engine.settings).build_chat(messages, context_length=8192)
+    built = PromptBuilder(engine.settings).build_chat(parse_messages(messages), context_length=8192)
     run = RunRequest(prompt=built.text, keep_history=True, max_new_tokens=ANSWER_TOKENS,
                      sampling=GREEDY)
     started = time.perf_counter()

@@ -21,10 +21,10 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
-from config import Settings  # noqa: E402
+from rkllm_api.config import Settings  # noqa: E402
 from doubles.build import RKLLM_DOUBLE_ABIS, build_rkllm_double  # noqa: E402
 from rkllm_ctypes import RKLLMRuntime  # noqa: E402
-from runtime import EventKind, RunRequest  # noqa: E402
+from rkllm_api.runtimes.base import EventKind, RunRequest  # noqa: E402
 
 
 def npu_binding_bench(abi: str, tokens: int, work_dir: str, repeats: int = 3) -> dict:
@@ -73,7 +73,7 @@ CPU_BENCH_CONTEXT = 2048
 
 def _cpu_runtime_stream(runtime, n_tokens: int) -> tuple:
     """(first, last) text arrival times and tokens generated, through the runtime."""
-    from runtime import SamplingParams
+    from rkllm_api.runtimes.base import SamplingParams
     stamps = []
 
     def sink(event):
@@ -106,7 +106,7 @@ def cpu_stream_figures(n_tokens: int = CPU_BENCH_TOKENS, rounds: int = CPU_BENCH
     import statistics
 
     import llama_cpp
-    from llamacpp_runtime import LlamaCppRuntime, _thread_count, bundled_model_path
+    from rkllm_api.runtimes.llamacpp import LlamaCppRuntime, _thread_count, bundled_model_path
 
     model_path = bundled_model_path()
     if model_path is None:

@@ -24,9 +24,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
-from config import Settings  # noqa: E402
+from rkllm_api.config import Settings  # noqa: E402
 from doubles.build import build_rkllm_double  # noqa: E402
-from runtime import EventKind, RunRequest  # noqa: E402
+from rkllm_api.runtimes.base import EventKind, RunRequest  # noqa: E402
 from support.live_server import NPU_MODEL_ID, LiveServers, start_npu_server  # noqa: E402
 
 ABI = "1.3"

@@ -13,6 +13,8 @@ pytest_plugins = [
     "support.doubles",      # compiled C doubles of librkllmrt (both ABIs)
     "support.cpu_model",    # the bundled SmolLM2 GGUF and CPU runtime fixtures
     "support.live_server",  # a real gunicorn on 127.0.0.1
+    "support.conversation", # engine-level chat turns on SmolLM2
+    "support.rknn_double",  # compiled C double of librknnrt (vision encoder)
 ]
 
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 import api
-from config import Settings
+from rkllm_api.config import Settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

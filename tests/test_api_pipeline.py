@@ -3,12 +3,16 @@ import json
 
 import pytest
 
-import protocol
-from api import (ContentDelta, Failure, Finished, KeepAlive, KEEP_ALIVE, ReasoningDelta,
-                 StopSequenceFilter, ToolCallDelta, UsageReport, collect_body,
-                 merge_tool_call_delta, render_sse, run_pipeline, split_thinking)
+from rkllm_api.errors import RequestError
+from rkllm_api.openai import protocol
+from rkllm_api.openai.routes import collect_body, render_sse
+from rkllm_api.pipeline import (KEEP_ALIVE, ContentDelta, Failure, Finished, KeepAlive,
+                                ReasoningDelta, StopSequenceFilter, ThinkingTransform,
+                                ToolCallDelta, Usage, UsageReport, merge_tool_call_delta,
+                                run_pipeline)
 
-USAGE = UsageReport(protocol.Usage(5, 3))
+USAGE = UsageReport(Usage(5, 3))
+split_thinking = ThinkingTransform()
 
 
 def tokens(*texts, reason="stop"):
@@ -134,7 +138,7 @@ def test_collect_body_accumulates_the_same_events():
 
 
 def test_collect_body_failure_is_a_500():
-    with pytest.raises(protocol.RequestError) as err:
+    with pytest.raises(RequestError) as err:
         collect_body(iter([ContentDelta("a"), Failure("x")]), protocol.ChatChunks("m", "fp"))
     assert err.value.status == 500
 

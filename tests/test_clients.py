@@ -5,73 +5,26 @@ Fixtures under tests/fixtures/openwebui/v<version>/ are the chat-completion bodi
 that Open WebUI of that release sends for each task (default templates filled in);
 tests/fixtures/homeassistant/ holds Extended OpenAI Conversation bodies.
 """
-import json
 import os
 
 import pytest
 
-import clients
-from config import Settings
-
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
-OWUI = os.path.join(FIXTURES, "openwebui")
-HA = os.path.join(FIXTURES, "homeassistant")
-
-# Releases where the title template still asked for plain text, and where tool
-# selection still wanted one {"name", "parameters"} object.
-PLAIN_TEXT_TITLE = {"v0.5.4"}
-SINGLE_TOOL_OBJECT = {"v0.5.4"}
-# Releases that cut the queries reply from the LAST "{" instead of the first.
-QUERIES_CUT_FROM_LAST_BRACE = {"v0.12.4"}
-
-EXPECTED_KIND = {
-    "title": "title", "title_with_model_system_prompt": "title", "tags": "tags",
-    "queries": "queries", "queries_first_turn": "queries", "queries_multimodal": "queries",
-    "autocomplete": "autocomplete", "emoji": "emoji", "tool_selection": "tool_selection",
-    "image_prompt": "image_prompt", "follow_ups": "follow_ups", "chat_rag": None,
-}
+from rkllm_api.config import Settings
+from rkllm_api.openai.protocol import parse_tool_request
+from rkllm_api.text import clients
+from support.messages import typed
+from support.client_fixtures import (EXPECTED_KIND, HA, OWUI_CASES, PLAIN_TEXT_TITLE,
+                                     SINGLE_TOOL_OBJECT, classify_body, load, owui_body,
+                                     owui_cut_json, owui_read_queries, owui_read_title)
 
 
-def _owui_fixtures():
-    for version in sorted(os.listdir(OWUI)):
-        folder = os.path.join(OWUI, version)
-        if os.path.isdir(folder):
-            for name in sorted(os.listdir(folder)):
-                if name.endswith(".json"):
-                    yield version, name[:-5]
+def classify(messages, tools=None):
+    return clients.classify(typed(messages), parse_tool_request({"tools": tools}))
 
 
-OWUI_CASES = list(_owui_fixtures())
-
-
-def load(*parts):
-    with open(os.path.join(*parts), encoding="utf-8") as f:
-        return json.load(f)
-
-
-def owui_body(version, name):
-    return load(OWUI, version, name + ".json")
-
-
-def classify_body(body):
-    return clients.classify(body["messages"], body.get("tools"), body.get("functions"))
-
-
-# --- Open WebUI's own reading of a reply, as its middleware does it ---------------
-
-def owui_cut_json(content, from_last_brace=False):
-    start = content.rfind("{") if from_last_brace else content.find("{")
-    return json.loads(content[start:content.rfind("}") + 1])
-
-
-def owui_read_title(content, version):
-    if version in PLAIN_TEXT_TITLE:
-        return content.strip()
-    return owui_cut_json(content).get("title")
-
-
-def owui_read_queries(content, version):
-    return owui_cut_json(content, version in QUERIES_CUT_FROM_LAST_BRACE).get("queries", [])
+def is_home_assistant(messages, tools=None, functions=None):
+    spec = parse_tool_request({"tools": tools, "functions": functions})
+    return clients.is_home_assistant(typed(messages), spec)
 
 
 # --- fixtures ----------------------------------------------------------------------
@@ -257,18 +210,18 @@ NEAR_MISSES = [
 
 @pytest.mark.parametrize("messages", NEAR_MISSES)
 def test_near_misses_are_ordinary_chat(messages):
-    task = clients.classify(messages)
+    task = classify(messages)
     assert task.kind is None
     assert task.thinking_off is False
     assert clients.instant_answer(task, Settings()) is None
 
 
-def test_malformed_messages_do_not_raise():
-    for messages in (None, "hello", [], [None], [{"role": "user"}],
-                     [{"role": "user", "content": None}],
-                     [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}],
-                     [{"role": "user", "content": [{"type": "text", "text": None}]}]):
-        assert clients.classify(messages).kind is None
+def test_odd_but_valid_messages_are_ordinary_chat():
+    for messages in ([{"role": "user", "content": ""}],
+                     [{"role": "assistant", "content": None}],
+                     [{"role": "user", "content": [{"type": "image_url",
+                                                    "image_url": {"url": "data:,x"}}]}]):
+        assert classify(messages).kind is None
 
 
 # --- Home Assistant ----------------------------------------------------------------
@@ -276,7 +229,7 @@ def test_malformed_messages_do_not_raise():
 @pytest.mark.parametrize("name", sorted(n[:-5] for n in os.listdir(HA) if n.endswith(".json")))
 def test_home_assistant_fixtures_are_detected(name):
     body = load(HA, name + ".json")
-    assert clients.is_home_assistant(body["messages"], body.get("tools"), body.get("functions"))
+    assert is_home_assistant(body["messages"], body.get("tools"), body.get("functions"))
     task = classify_body(body)
     assert task.home_assistant and task.thinking_off and task.kind is None
 
@@ -285,8 +238,8 @@ def test_home_assistant_by_function_alone_and_question():
     body = load(HA, "tools_mode.json")
     plain_system = [{"role": "system", "content": "You control my house."},
                     {"role": "user", "content": "lights off"}]
-    assert clients.is_home_assistant(plain_system, tools=body["tools"])
-    assert clients.is_home_assistant(plain_system, functions=load(HA, "functions_mode.json")["functions"])
+    assert is_home_assistant(plain_system, tools=body["tools"])
+    assert is_home_assistant(plain_system, functions=load(HA, "functions_mode.json")["functions"])
     assert classify_body(body).question == "turn on the living room light"
 
 
@@ -301,14 +254,14 @@ def test_home_assistant_by_function_alone_and_question():
      [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]),
 ])
 def test_not_home_assistant(messages, tools):
-    assert clients.is_home_assistant(messages, tools) is False
-    assert clients.classify(messages, tools).home_assistant is False
+    assert is_home_assistant(messages, tools) is False
+    assert classify(messages, tools).home_assistant is False
 
 
 def test_openwebui_fixtures_are_not_home_assistant():
     for version, name in OWUI_CASES:
         body = owui_body(version, name)
-        assert not clients.is_home_assistant(body["messages"], body.get("tools"))
+        assert not is_home_assistant(body["messages"], body.get("tools"))
 
 
 # --- settings switches -------------------------------------------------------------

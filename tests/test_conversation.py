@@ -6,76 +6,16 @@ new message, a reset prefills the whole conversation again.
 """
 from __future__ import annotations
 
-import itertools
-
 import pytest
 
-from config import Settings
-from engine import Engine, GenerationJob
-from prompts import PromptBuilder
-from registry import Registry
-from runtime import EventKind, RunRequest, SamplingParams
-
-GREEDY = SamplingParams(temperature=0.0)
-MODEL = "smollm2"
-FIRST = ("Here are some facts about my garden. It has tomatoes, beans, roses and an old "
-         "apple tree that my grandfather planted forty years ago. " * 3
-         + "What should I plant next spring?")
-_ids = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def smollm_available(smollm_path):
-    pytest.importorskip("llama_cpp")
-    return smollm_path
-
-
-@pytest.fixture
-def make_engine(tmp_path, smollm_available):
-    engines = []
-
-    def build(**overrides):
-        values = dict(models_root=str(tmp_path / "models"), include_bundled_model=True,
-                      cpu_threads=1, gguf_max_context_length=2048, idle_unload_seconds=0,
-                      heartbeat_seconds=0, kv_cache_dir=str(tmp_path / "cache"))
-        values.update(overrides)
-        settings = Settings(**values)
-        engine = Engine(settings, Registry(settings))
-        engines.append(engine)
-        return engine
-
-    yield build
-    for engine in engines:
-        engine.shutdown(timeout=5)
-
-
-def turn(engine, messages, *, keep=True, max_new_tokens=6, commit=True, use_cache=""):
-    """One chat request as the API makes it; returns (generation, answer)."""
-    built = PromptBuilder(engine.settings).build_chat(messages, context_length=2048)
-    run = RunRequest(prompt=built.text, keep_history=keep, max_new_tokens=max_new_tokens,
-                     sampling=GREEDY)
-    generation = engine.generate(GenerationJob(MODEL, run, f"t{next(_ids)}", built,
-                                               use_cache=use_cache))
-    texts, final = [], None
-    for event in generation.events():
-        if event.kind is EventKind.TEXT:
-            texts.append(event.text)
-        else:
-            final = event
-    assert final is not None and final.kind is EventKind.FINISH, final
-    answer = "".join(texts)
-    if commit:
-        assert generation.commit_answer(answer)
-    return generation, answer
-
-
-def user(text):
-    return {"role": "user", "content": text}
-
-
-def assistant(text):
-    return {"role": "assistant", "content": text}
-
+from rkllm_api.config import Settings
+from rkllm_api.engine.generation import GenerationJob
+from rkllm_api.engine.manager import Engine
+from rkllm_api.models.registry import Registry
+from rkllm_api.runtimes.base import EventKind, RunRequest
+from rkllm_api.text.prompts import PromptBuilder
+from support.conversation import FIRST, assistant, turn, user
+from support.messages import typed
 
 def test_next_turn_prefills_only_the_new_message(make_engine):
     engine = make_engine()
@@ -181,14 +121,15 @@ def npu_engine(tmp_path, rkllm_double_libs, rkllm_record):
                         rkllm_lib_path=rkllm_double_libs["1.3"], idle_unload_seconds=0,
                         heartbeat_seconds=0, kv_cache_dir=str(tmp_path / "cache"))
     engine = Engine(settings, Registry(settings))
+    engine.start()
     yield engine
     engine.shutdown(timeout=5)
 
 
 def npu_turn(engine, messages):
-    built = PromptBuilder(engine.settings).build_chat(messages, context_length=4096)
+    built = PromptBuilder(engine.settings).build_chat(typed(messages), context_length=4096)
     run = RunRequest(prompt=built.text, keep_history=True, max_new_tokens=8)
-    generation = engine.generate(GenerationJob("npu-a", run, f"n{next(_ids)}", built))
+    generation = engine.generate(GenerationJob("npu-a", run, "npu-turn", built))
     answer = "".join(e.text for e in generation.events() if e.kind is EventKind.TEXT)
     assert generation.commit_answer(answer)
     return generation, answer

@@ -46,7 +46,7 @@ def test_open_webui_image_can_be_overridden_for_rollback(compose):
 
 
 def test_openai_base_url_points_at_the_server_on_the_host(compose, webui_env):
-    from config import Settings
+    from rkllm_api.config import Settings
     url = urlsplit(webui_env["OPENAI_API_BASE_URL"])
     assert url.scheme == "http" and url.path == "/v1"
     assert url.port == SERVER_PORT == Settings().port

@@ -5,11 +5,14 @@ import time
 
 import pytest
 
-from config import Settings
-from engine import (Engine, GenerationJob, Heartbeat, ModelLoadFailed, ModelNotFound,
-                    QueueFull, QueueTimeout, ShuttingDown)
-from registry import Registry
-from runtime import EventKind, FinishReason, RunRequest, TokenEvent, open_runtime
+from rkllm_api.config import Settings
+from rkllm_api.engine.errors import (ModelLoadFailed, ModelNotFound, QueueFull, QueueTimeout,
+                                     ShuttingDown)
+from rkllm_api.engine.generation import GenerationJob, Heartbeat
+from rkllm_api.engine.manager import Engine
+from rkllm_api.models.registry import Registry
+from rkllm_api.runtimes.base import EventKind, FinishReason, RunRequest, TokenEvent
+from rkllm_api.runtimes.factory import open_runtime
 from support.doubles import make_fake_rkllm_model
 
 WAIT_LIMIT = 10.0  # seconds any polling loop in these tests may take
@@ -65,6 +68,7 @@ def make_engine(models_root, rkllm_double_libs, rkllm_record):
         values.update(overrides)
         settings = Settings(**values)
         engine = Engine(settings, Registry(settings), runtime_factory)
+        engine.start()
         engines.append(engine)
         return engine
 

@@ -13,7 +13,7 @@ import json
 import pytest
 
 from support.live_server import sse_data, start_cpu_server, start_npu_server
-from test_clients import HA, load
+from support.client_fixtures import HA, load
 
 CHAT = "/v1/chat/completions"
 MODEL = "qwen3-1.7b"        # the fixtures' model; by its name a thinking model

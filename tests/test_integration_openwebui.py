@@ -10,9 +10,9 @@ import copy
 
 import pytest
 
-import clients
+from rkllm_api.text import clients
 from support.live_server import start_npu_server
-from test_clients import (OWUI_CASES, SINGLE_TOOL_OBJECT, classify_body, owui_body,
+from support.client_fixtures import (OWUI_CASES, SINGLE_TOOL_OBJECT, classify_body, owui_body,
                           owui_cut_json, owui_read_queries, owui_read_title)
 
 CHAT = "/v1/chat/completions"

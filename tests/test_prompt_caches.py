@@ -6,9 +6,9 @@ import os
 
 import pytest
 
-import kvcache
-from kvcache import CacheNameError, PromptCacheFiles, Snapshot, SnapshotStore
-from test_conversation import MODEL, make_engine, smollm_available, turn, user  # noqa: F401
+from rkllm_api.engine import kvcache
+from rkllm_api.engine.kvcache import CacheNameError, PromptCacheFiles, Snapshot, SnapshotStore
+from support.conversation import MODEL, turn, user
 
 LONG_SYSTEM = ("You are Gardener, a patient assistant for allotment holders. You answer in "
                "short, practical sentences, name plants by their common names, mention the "
@@ -84,6 +84,7 @@ def _snapshot(store, key, size=10, model="m"):
 
 def test_snapshot_store_is_a_bounded_lru(tmp_path):
     store = SnapshotStore(str(tmp_path / "snaps"), max_entries=2, max_bytes=1000)
+    store.start()
     first = _snapshot(store, ("a",))
     _snapshot(store, ("b",))
     _snapshot(store, ("c",))
@@ -93,6 +94,7 @@ def test_snapshot_store_is_a_bounded_lru(tmp_path):
     store.discard(taken)
     assert not os.path.exists(taken.path)
     small = SnapshotStore(str(tmp_path / "small"), max_entries=10, max_bytes=25)
+    small.start()
     _snapshot(small, ("a",))
     _snapshot(small, ("b",))
     _snapshot(small, ("c",))
@@ -101,6 +103,7 @@ def test_snapshot_store_is_a_bounded_lru(tmp_path):
 
 def test_a_later_snapshot_of_a_conversation_replaces_the_earlier(tmp_path):
     store = SnapshotStore(str(tmp_path / "snaps"), max_entries=5, max_bytes=1000)
+    store.start()
     early = _snapshot(store, ("sys", "u1", "a1"))
     _snapshot(store, ("sys", "u1", "a1", "u2", "a2"))
     assert not os.path.exists(early) and store.describe()["entries"] == 1

@@ -5,18 +5,22 @@ import os
 
 import pytest
 
-from config import Settings
-from prompts import (BuiltPrompt, PromptBuilder, PromptTooLong, cap_text, estimate_tokens,
+from rkllm_api.config import Settings
+from rkllm_api.text.prompts import (BuiltPrompt, PromptBuilder, PromptTooLong, cap_text, estimate_tokens,
                      strip_special_tokens)
-from thinking import split_think
-from tools import ToolCallParser, parse_tool_request, render_tools_prompt
+from rkllm_api.text.thinking import split_think
+from rkllm_api.errors import RequestError
+from rkllm_api.openai.protocol import parse_tool_request
+from rkllm_api.request import ToolCall
+from rkllm_api.text.tools import ToolCallParser, render_tools_prompt
+from support.messages import typed
 
 CTX = 4096
 
 
 def build(messages, builder=None, **kwargs):
     kwargs.setdefault("context_length", CTX)
-    return (builder or PromptBuilder()).build_chat(messages, **kwargs)
+    return (builder or PromptBuilder()).build_chat(typed(messages), **kwargs)
 
 
 def user(text):
@@ -161,7 +165,8 @@ def engine_answer(raw_output, spec=None, starts_inside=False):
     parser = ToolCallParser(spec)
     events = parser.feed(content) + parser.finish()
     text = "".join(e.text for e in events if e.kind == "content")
-    return text, parser.calls
+    return text, tuple(ToolCall(c["function"]["name"], c["function"]["arguments"], c["id"])
+                       for c in parser.calls)
 
 
 @pytest.mark.parametrize("echo", [
@@ -205,7 +210,7 @@ def test_history_key_after_a_tool_call():
     assert calls and content == ""
     remembered = first.key_after_answer(content, calls)
     # The client echoes the call with its own formatting of the arguments, and the id we gave.
-    second = build(tool_conversation(call_id=calls[0]["id"], arguments='{ "city": "Paris" }'),
+    second = build(tool_conversation(call_id=calls[0].id, arguments='{ "city": "Paris" }'),
                    tools_prompt=tools_prompt)
     assert second.history_key == remembered
     assert second.tail_role == "tool"
@@ -339,12 +344,12 @@ def test_real_tokenizer_counts():
     ([user(42)], r"messages\[0\].content"),
     ([user([{"type": "text"}])], r"messages\[0\].content\[0\].text"),
     ([user([{"type": "audio", "audio": "x"}])], r"messages\[0\].content\[0\].type"),
-    ([user(["plain string part"])], r"messages\[0\].content\[0\].type"),
+    ([user(["plain string part"])], r"messages\[0\].content"),
     ([user("a"), assistant("", tool_calls=[{"function": {}}])], r"messages\[1\].tool_calls\[0\]"),
     ([user("a"), assistant("", tool_calls="x")], r"messages\[1\].tool_calls"),
 ])
 def test_bad_messages_name_the_param(messages, param):
-    with pytest.raises(ValueError, match=param):
+    with pytest.raises(RequestError, match=param):
         build(messages)
 
 
@@ -356,11 +361,6 @@ def test_completion_prompt():
     assert isinstance(built, BuiltPrompt) and built.standalone
     assert built.text == built.tail_text == "Once upon a time"
     assert built.history_key == () and built.prompt_tokens == estimate_tokens("Once upon a time")
-    assert builder.build_completion(["One prompt"], context_length=CTX).text == "One prompt"
-    with pytest.raises(ValueError, match="prompt"):
-        builder.build_completion([1, 2, 3], context_length=CTX)
-    with pytest.raises(ValueError, match="prompt"):
-        builder.build_completion(["a", "b"], context_length=CTX)
     with pytest.raises(PromptTooLong):
         builder.build_completion("x" * 50_000, context_length=CTX)
 

@@ -3,8 +3,12 @@ import json
 
 import pytest
 
-import protocol
-from protocol import RequestError, parse_chat_request, parse_completion_request
+from rkllm_api import errors
+from rkllm_api.errors import RequestError
+from rkllm_api.openai import protocol
+from rkllm_api.openai.protocol import parse_chat_request, parse_completion_request
+from rkllm_api.pipeline import Usage
+from rkllm_api.request import ImagePart, Message, TextPart, ToolCall
 
 USER = [{"role": "user", "content": "hi"}]
 
@@ -19,21 +23,41 @@ def test_minimal_chat_request_gets_defaults():
     req = parse_chat_request(chat())
     assert req.model == "m" and req.stream is False and req.include_usage is False
     assert req.stop == () and req.max_tokens is None and req.sampling.given() == {}
-    assert req.messages == [{"role": "user", "content": "hi"}]
+    assert req.messages == (Message("user", (TextPart("hi"),)),)
 
 
 def test_unknown_fields_are_ignored():
     assert parse_chat_request(chat(frobnicate=3, user="x", logit_bias={})).model == "m"
 
 
-def test_text_parts_are_joined_and_images_refused():
-    parts = [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
+def test_content_parts_are_typed_text_and_images():
+    parts = [{"type": "text", "text": "a"},
+             {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA",
+                                                 "detail": "low"}},
+             {"type": "input_text", "text": "b"},
+             {"type": "input_image", "image_url": "https://example.invalid/cat.png"}]
     req = parse_chat_request(chat(messages=[{"role": "user", "content": parts}]))
-    assert req.messages[0]["content"] == "a\nb"
-    image = [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}}]
-    with pytest.raises(RequestError, match="does not accept images") as err:
-        parse_chat_request(chat(messages=[{"role": "user", "content": image}]))
-    assert err.value.status == 400
+    message = req.messages[0]
+    assert message.text == "a\nb"
+    assert message.images == (ImagePart("data:image/png;base64,AA", "low"),
+                               ImagePart("https://example.invalid/cat.png"))
+    # Replacing the text keeps the images (how /no_think and RAG rewrite a message).
+    assert message.with_text("c").parts == (TextPart("c"),) + message.images
+
+
+def test_roles_are_normalised_and_tool_results_learn_their_function():
+    req = parse_chat_request(chat(messages=[
+        {"role": "developer", "content": "be brief"},
+        {"role": "user", "content": "light?"},
+        {"role": "assistant", "content": None,
+         "tool_calls": [{"id": "c1", "type": "function",
+                         "function": {"name": "lamp", "arguments": {"on": True}}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "done"},
+        {"role": "function", "name": "lamp", "content": "done again"}]))
+    roles = [m.role for m in req.messages]
+    assert roles == ["system", "user", "assistant", "tool", "tool"]
+    assert req.messages[2].tool_calls == (ToolCall("lamp", '{"on": true}', "c1"),)
+    assert req.messages[3].name == "lamp" and req.messages[4].name == "lamp"
 
 
 def test_max_completion_tokens_wins_over_max_tokens():
@@ -46,10 +70,30 @@ def test_stop_as_string_or_list():
     assert parse_chat_request(chat(stop=["a", "", "b"])).stop == ("a", "b")
 
 
-def test_thinking_switches_are_read():
-    req = parse_chat_request(chat(reasoning_effort="none",
-                                  chat_template_kwargs={"enable_thinking": True}))
-    assert req.reasoning_effort == "none" and req.enable_thinking is True
+@pytest.mark.parametrize("fields,expected", [
+    ({}, None),
+    ({"reasoning_effort": "none"}, False),
+    ({"reasoning_effort": "HIGH"}, True),
+    ({"reasoning_effort": "none", "chat_template_kwargs": {"enable_thinking": True}}, True),
+    ({"chat_template_kwargs": {"thinking": False}}, False),
+    ({"enable_thinking": True}, True),
+    ({"think": False, "reasoning_effort": "high"}, False),
+    ({"reasoning_effort": "minimal"}, False),
+    ({"reasoning_effort": "low"}, True),
+    ({"chat_template_kwargs": {"enable_thinking": True}, "enable_thinking": False}, True),
+    ({"enable_thinking": True, "reasoning_effort": "none"}, True),
+])
+def test_thinking_switches_are_read(fields, expected):
+    assert parse_chat_request(chat(**fields)).thinking is expected
+
+
+def test_response_format_is_typed():
+    assert parse_chat_request(chat()).response_format.kind == "text"
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    fmt = parse_chat_request(chat(response_format={
+        "type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}}
+    )).response_format
+    assert (fmt.kind, fmt.schema, fmt.name, fmt.strict) == ("json_schema", schema, "x", True)
 
 
 def test_include_usage_and_sampling():
@@ -63,7 +107,8 @@ def test_assistant_message_may_carry_only_tool_calls():
     calls = [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
     messages = USER + [{"role": "assistant", "content": None, "tool_calls": calls},
                        {"role": "tool", "tool_call_id": "c", "content": "42"}]
-    assert parse_chat_request(chat(messages=messages)).messages[1]["tool_calls"] == calls
+    assert parse_chat_request(chat(messages=messages)).messages[1].tool_calls == (
+        ToolCall("f", "{}", "c"),)
 
 
 BAD_CHAT_BODIES = [
@@ -80,6 +125,24 @@ BAD_CHAT_BODIES = [
     (chat(messages=[{"role": "user", "content": ["x"]}]), "messages[0].content"),
     (chat(messages=[{"role": "assistant", "content": "x", "tool_calls": {}}]),
      "messages[0].tool_calls"),
+    (chat(messages=[{"role": "assistant", "content": "x",
+                     "tool_calls": [{"function": {"name": 3}}]}]),
+     "messages[0].tool_calls[0].function"),
+    (chat(messages=[{"role": "assistant", "content": "x",
+                     "tool_calls": [{"function": {"name": "f", "arguments": 3}}]}]),
+     "messages[0].tool_calls[0].function"),
+    (chat(messages=[{"role": "user", "content": "x", "name": 7}]), "messages[0].name"),
+    (chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]),
+     "messages[0].content[0]"),
+    (chat(response_format="json"), "response_format"),
+    (chat(response_format={"type": "yaml"}), "response_format"),
+    (chat(response_format={"type": "json_schema"}), "response_format"),
+    (chat(use_cache=3), "use_cache"),
+    (chat(tools=[{"type": "function", "function": {"name": "a b"}}]), "tools[0].function.name"),
+    (chat(tool_choice="sometimes", tools=[{"type": "function", "function": {"name": "f"}}]),
+     "tool_choice"),
+    (chat(tool_choice="required"), "tool_choice"),
+    (chat(function_call={"name": "f"}), "function_call"),
     (chat(model=5), "model"),
     (chat(model=""), "model"),
     (chat(temperature="hot"), "temperature"),
@@ -103,12 +166,15 @@ BAD_CHAT_BODIES = [
     (chat(stream_options=True), "stream_options"),
     (chat(stream_options={"include_usage": "yes"}), "stream_options"),
     (chat(tools={}), "tools"),
-    (chat(tools=["f"]), "tools"),
+    (chat(tools=["f"]), "tools[0]"),
     (chat(functions="f"), "functions"),
     (chat(tool_choice=3), "tool_choice"),
     (chat(reasoning_effort="extreme"), "reasoning_effort"),
     (chat(chat_template_kwargs=[]), "chat_template_kwargs"),
     (chat(chat_template_kwargs={"enable_thinking": "no"}), "chat_template_kwargs"),
+    (chat(reasoning_effort=3), "reasoning_effort"),
+    (chat(enable_thinking="yes"), "enable_thinking"),
+    (chat(think=1), "think"),
 ]
 
 
@@ -118,7 +184,7 @@ def test_bad_chat_requests_are_400_naming_the_field(body, param):
         parse_chat_request(body)
     assert err.value.status == 400
     assert err.value.param == param
-    assert err.value.body()["error"]["type"] == "invalid_request_error"
+    assert protocol.error_of(err.value)["error"]["type"] == "invalid_request_error"
 
 
 # ---- completion requests ----
@@ -180,13 +246,13 @@ def test_chat_chunks_share_one_identity():
 def test_include_usage_marks_chunks_null_and_adds_usage_chunk():
     chunks = protocol.ChatChunks("m", "fp_x", include_usage=True)
     assert sse_payload(chunks.content("a"))["usage"] is None
-    last = sse_payload(chunks.usage(protocol.Usage(3, 4)))
+    last = sse_payload(chunks.usage(Usage(3, 4)))
     assert last["choices"] == []
     assert last["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
 
 
 def test_chat_body_and_completion_body():
-    usage = protocol.Usage(1, 2)
+    usage = Usage(1, 2)
     body = protocol.ChatChunks("m", "fp").body("hi", "why", [], "length", usage)
     assert body["object"] == "chat.completion"
     assert body["choices"][0]["message"] == {"role": "assistant", "content": "hi",
@@ -204,5 +270,5 @@ def test_chat_body_and_completion_body():
 def test_error_body_shape():
     assert protocol.error_body("m", code="c") == {
         "error": {"message": "m", "type": "invalid_request_error", "param": None, "code": "c"}}
-    busy = protocol.server_busy("busy", 0)
+    busy = errors.server_busy("busy", 0)
     assert busy.status == 503 and busy.headers == {"Retry-After": "1"}

@@ -4,76 +4,37 @@ near-duplicates, scoring, the quality floor, follow-ups, the prompt and the cach
 Requests are built the way Open WebUI builds them: sources joined into a context
 string, the RAG template filled, then either appended to the system message or put
 in front of the last user message with a newline between."""
-import json
-import os
 import threading
 from datetime import date
 
 import pytest
 
 import rag
-from config import Settings
-
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "rag")
-TODAY = date(2026, 2, 10)
-SYSTEM_PROMPT = "You are a friendly assistant."
-
-
-def fixture(name):
-    with open(os.path.join(FIXTURES, name), encoding="utf-8") as handle:
-        return handle.read()
+from rkllm_api.config import Settings
+from rkllm_api.request import ImagePart, TextPart
+from support.messages import typed
+from support.rag_requests import (SYSTEM_PROMPT, TODAY, document_request, eiffel_request,
+                                  fill, fixture, newer_context, older_context, owui_request,
+                                  web_pages)
 
 
-def web_pages():
-    return [("https://travel.example/eiffel", fixture("web_eiffel_noisy.txt")),
-            ("https://news.example/eiffel", fixture("web_eiffel_syndicated.txt")),
-            ("https://food.example/croissants", fixture("web_unrelated.txt")),
-            ("https://shop.example/", fixture("web_garbage.txt"))]
+def detect(messages):
+    return rag.detect(typed(messages))
 
 
-def newer_context(pages):
-    return "\n".join(f'<source id="{i}" name="{name}">{text}</source>'
-                     for i, (name, text) in enumerate(pages, start=1))
+def without_context(messages, found):
+    return rag.without_context(typed(messages), found)
 
 
-def older_context(pages):
-    return "\n".join(f"<source><source_id>{name}</source_id><source_context>{text}"
-                     f"</source_context></source>" for name, text in pages)
-
-
-def fill(template_file, context, question):
-    return fixture(template_file).replace("{{CONTEXT}}", context).replace("{{QUERY}}", question)
-
-
-def owui_request(filled, question, placement, history=(), system=SYSTEM_PROMPT):
-    """messages as Open WebUI sends them for one placement of the filled template."""
-    if placement == "system":
-        return ([{"role": "system", "content": f"{system}\n{filled}"}] + list(history)
-                + [{"role": "user", "content": question}])
-    return ([{"role": "system", "content": system}] + list(history)
-            + [{"role": "user", "content": f"{filled}\n{question}"}])
-
-
-def eiffel_request(placement="user", question="How tall is the Eiffel Tower?"):
-    return owui_request(fill("template_newer.txt", newer_context(web_pages()), question),
-                        question, placement)
-
-
-def document_request(question, layout="older", placement="system", history=()):
-    doc = json.loads(fixture("document_chunks.json"))
-    pages = [(doc["name"], chunk) for chunk in doc["chunks"]]
-    if layout == "older":
-        filled = fill("template_older.txt", older_context(pages), question)
-    else:
-        filled = fill("template_newer.txt", newer_context(pages), question)
-    return owui_request(filled, question, placement, history)
+def plan_turn(messages, **kwargs):
+    return rag.plan_turn(typed(messages), **kwargs)
 
 
 # --- detection ---------------------------------------------------------------
 
 def test_detects_newer_sources_prepended_to_the_user_message():
     messages = eiffel_request("user")
-    found = rag.detect(messages)
+    found = detect(messages)
     assert found.placement == "user" and found.message_index == 1
     assert found.layout == "id-attr"
     assert found.question == "How tall is the Eiffel Tower?"
@@ -84,7 +45,7 @@ def test_detects_newer_sources_prepended_to_the_user_message():
 
 
 def test_detects_newer_sources_appended_to_the_system_message():
-    found = rag.detect(eiffel_request("system"))
+    found = detect(eiffel_request("system"))
     assert found.placement == "system" and found.message_index == 0
     assert found.question == "How tall is the Eiffel Tower?"
     # The user's own system prompt survives; the template does not.
@@ -93,7 +54,7 @@ def test_detects_newer_sources_appended_to_the_system_message():
 
 
 def test_detects_older_source_id_layout_in_the_system_message():
-    found = rag.detect(document_request("How long may probe cables be?"))
+    found = detect(document_request("How long may probe cables be?"))
     assert found.layout == "source-id" and found.placement == "system"
     assert found.question == "How long may probe cables be?"
     # All chunks of one file share its citation label.
@@ -105,18 +66,18 @@ def test_detects_older_source_id_layout_in_the_system_message():
 
 def test_older_layout_in_the_user_message_keeps_the_users_own_words():
     question = "How long may probe cables be?"
-    found = rag.detect(document_request(question, placement="user"))
+    found = detect(document_request(question, placement="user"))
     assert found.placement == "user"
     assert found.question == question  # not the template's <user_query> copy plus it
     # With nothing after the template, the <user_query> copy is the question.
     only_template = [{"role": "user", "content": fill(
         "template_older.txt", older_context([("a.txt", "Some text here.")]), question)}]
-    assert rag.detect(only_template).question == question
+    assert detect(only_template).question == question
 
 
 def test_distinct_older_source_ids_are_numbered_in_order():
     context = older_context([("a.pdf", "one"), ("b.pdf", "two"), ("a.pdf", "three")])
-    found = rag.detect([{"role": "user", "content": fill("template_older.txt", context, "q")}])
+    found = detect([{"role": "user", "content": fill("template_older.txt", context, "q")}])
     assert [(s.id, s.name) for s in found.sources] == [("1", "a.pdf"), ("2", "b.pdf"),
                                                         ("1", "a.pdf")]
 
@@ -127,51 +88,49 @@ def test_extra_source_attributes_and_list_content():
     content = [{"type": "text", "text": fill("template_newer.txt", context, "") + "\nSales?"},
                {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]
     messages = [{"role": "user", "content": content}]
-    found = rag.detect(messages)
+    found = detect(messages)
     assert found.sources == (rag.Source("7", "Report", "Sales rose 12% in 2024."),)
     assert found.question == "Sales?"
-    stripped = rag.without_context(messages, found)
-    assert stripped[0]["content"][0] == {"type": "text", "text": "Sales?"}
-    assert stripped[0]["content"][1]["type"] == "image_url"
-    assert messages[0]["content"] is content  # the request itself is not modified
+    stripped = without_context(messages, found)
+    assert stripped[0].parts == (TextPart("Sales?"), ImagePart("data:image/png;base64,AAAA"))
 
 
 def test_template_without_source_tags_is_one_plain_source():
     filled = fill("template_older.txt", "Chunk about tides.\n\nAnother chunk.", "Tides?")
-    found = rag.detect([{"role": "user", "content": filled}])
+    found = detect([{"role": "user", "content": filled}])
     assert found.layout == "plain"
     assert found.sources[0].text == "Chunk about tides.\n\nAnother chunk."
 
 
 def test_no_retrieved_context_is_not_detected():
-    assert rag.detect([{"role": "user", "content": "What is 2+2?"}]) is None
-    assert rag.detect([]) is None
+    assert detect([{"role": "user", "content": "What is 2+2?"}]) is None
+    assert rag.detect(()) is None
     casual = "In XML, how do I write <context>hello</context> properly?"
-    assert rag.detect([{"role": "user", "content": casual}]) is None
+    assert detect([{"role": "user", "content": casual}]) is None
     pasted = "Why does <source>a.xml</source> fail to validate in my schema?"
-    assert rag.detect([{"role": "user", "content": pasted}]) is None
+    assert detect([{"role": "user", "content": pasted}]) is None
 
 
 def test_source_tags_without_the_context_wrapper_are_found():
     """A custom RAG template may drop <context>; the client's source tags remain."""
     text = 'Use these notes:\n<source id="1" name="n.txt">Tides rise twice a day.</source>\nTides?'
-    found = rag.detect([{"role": "user", "content": text}])
+    found = detect([{"role": "user", "content": text}])
     assert found.sources == (rag.Source("1", "n.txt", "Tides rise twice a day."),)
     assert found.question == "Tides?"
 
 
 def test_without_context_restores_the_plain_conversation():
     system_placed = eiffel_request("system")
-    stripped = rag.without_context(system_placed, rag.detect(system_placed))
-    assert stripped == [{"role": "system", "content": SYSTEM_PROMPT},
-                        {"role": "user", "content": "How tall is the Eiffel Tower?"}]
+    stripped = without_context(system_placed, detect(system_placed))
+    assert stripped == typed([{"role": "system", "content": SYSTEM_PROMPT},
+                              {"role": "user", "content": "How tall is the Eiffel Tower?"}])
     no_own_prompt = owui_request(fill("template_newer.txt", newer_context(web_pages()), "q"),
                                  "q", "system", system="")
-    assert rag.without_context(no_own_prompt, rag.detect(no_own_prompt)) == [
-        {"role": "user", "content": "q"}]
+    assert without_context(no_own_prompt, detect(no_own_prompt)) == typed([
+        {"role": "user", "content": "q"}])
     user_placed = eiffel_request("user")
-    assert rag.without_context(user_placed, rag.detect(user_placed))[-1] == {
-        "role": "user", "content": "How tall is the Eiffel Tower?"}
+    assert without_context(user_placed, detect(user_placed))[-1] == typed([
+        {"role": "user", "content": "How tall is the Eiffel Tower?"}])[0]
 
 
 # --- cleaning passes -----------------------------------------------------------
@@ -360,7 +319,7 @@ def test_budget_follows_the_context_length():
     settings = Settings()
     small, large = rag.reference_budget(1024, settings), rag.reference_budget(32768, settings)
     assert small < large == settings.rag_max_context_chars
-    prompt = rag.build_rag_prompt(rag.detect(document_request("How often is watering allowed?")),
+    prompt = rag.build_rag_prompt(detect(document_request("How often is watering allowed?")),
                                   context_length=512, today=TODAY)
     assert prompt.clean_chars <= rag.reference_budget(512, settings)
     assert "6 hours" in prompt.context
@@ -374,7 +333,7 @@ def test_useless_results_are_dropped_and_the_prompt_says_so():
     question = "Who won the 2022 football world cup?"
     messages = owui_request(fill("template_newer.txt", newer_context(garbage), question),
                             question, "user")
-    prompt = rag.build_rag_prompt(rag.detect(messages), context_length=4096, today=TODAY)
+    prompt = rag.build_rag_prompt(detect(messages), context_length=4096, today=TODAY)
     assert prompt.dropped and prompt.context == "" and prompt.sources_used == ()
     assert "croissant" not in prompt.user.lower()
     assert "no useful results" in prompt.user and "nothing useful" in prompt.system
@@ -382,12 +341,12 @@ def test_useless_results_are_dropped_and_the_prompt_says_so():
 
 
 def test_floor_threshold_is_a_setting_and_document_questions_bypass_it():
-    found = rag.detect(eiffel_request())
+    found = detect(eiffel_request())
     assert not rag.build_rag_prompt(found, context_length=4096, today=TODAY).dropped
     strict = Settings().with_(rag_quality_floor_threshold=50.0)
     assert rag.build_rag_prompt(found, context_length=4096, today=TODAY, settings=strict).dropped
     # "Summarize the document" shares no word with the manual, yet uses all of it.
-    doc = rag.detect(document_request("Summarize the document"))
+    doc = detect(document_request("Summarize the document"))
     prompt = rag.build_rag_prompt(doc, context_length=4096, today=TODAY, settings=strict)
     assert not prompt.dropped and "90 days" in prompt.context and "35 percent" in prompt.context
 
@@ -427,20 +386,20 @@ def test_plan_turn_skips_sources_for_a_conversational_follow_up():
                {"role": "assistant", "content": "It is 330 metres tall [1]."}]
     messages = owui_request(fill("template_newer.txt", newer_context(web_pages()), "thanks!"),
                             "thanks!", "user", history)
-    plan = rag.plan_turn(messages, context_length=4096, today=TODAY)
+    plan = plan_turn(messages, context_length=4096, today=TODAY)
     assert plan.decision == rag.FollowUp.SKIP_CONVERSATIONAL and not plan.use_sources
     assert plan.prompt is None and not plan.disable_thinking
-    assert plan.messages == [{"role": "system", "content": SYSTEM_PROMPT}] + history + [
-        {"role": "user", "content": "thanks!"}]
-    assert rag.plan_turn([{"role": "user", "content": "hi"}], context_length=4096,
+    assert plan.messages == typed([{"role": "system", "content": SYSTEM_PROMPT}] + history + [
+        {"role": "user", "content": "thanks!"}])
+    assert plan_turn([{"role": "user", "content": "hi"}], context_length=4096,
                          today=TODAY) is None
 
 
 def test_plan_turn_uses_sources_and_turns_thinking_off_on_small_contexts():
-    plan = rag.plan_turn(eiffel_request(), context_length=4096, today=TODAY)
+    plan = plan_turn(eiffel_request(), context_length=4096, today=TODAY)
     assert plan.use_sources and plan.decision == rag.FollowUp.USE_RAG
     assert plan.disable_thinking
-    assert not rag.plan_turn(eiffel_request(), context_length=16384, today=TODAY).disable_thinking
+    assert not plan_turn(eiffel_request(), context_length=16384, today=TODAY).disable_thinking
 
 
 def test_should_disable_thinking_threshold():
@@ -453,7 +412,7 @@ def test_date_anchor_heads_the_prompt():
     assert rag.date_anchor(TODAY) == \
         "[Current date: February 10, 2026. Any conflicting dates below are outdated.]"
     assert rag.date_anchor(date(2025, 3, 5)).startswith("[Current date: March 5, 2025.")
-    prompt = rag.build_rag_prompt(rag.detect(eiffel_request()), context_length=4096,
+    prompt = rag.build_rag_prompt(detect(eiffel_request()), context_length=4096,
                                   today=date(2025, 3, 5))
     assert prompt.user.startswith("[Current date: March 5, 2025.")
 
@@ -461,10 +420,10 @@ def test_date_anchor_heads_the_prompt():
 def test_summary_questions_get_the_stronger_instruction():
     assert rag.is_summary_request("Give me an overview") and rag.is_summary_request("TL;DR?")
     assert not rag.is_summary_request("How tall is the tower?")
-    summary = rag.build_rag_prompt(rag.detect(document_request("Summarize this document")),
+    summary = rag.build_rag_prompt(detect(document_request("Summarize this document")),
                                    context_length=4096, today=TODAY)
     assert summary.summary and rag.SUMMARY_INSTRUCTION in summary.user
-    plain = rag.build_rag_prompt(rag.detect(eiffel_request()), context_length=4096, today=TODAY)
+    plain = rag.build_rag_prompt(detect(eiffel_request()), context_length=4096, today=TODAY)
     assert not plain.summary and rag.SUMMARY_INSTRUCTION not in plain.user
 
 
@@ -473,7 +432,7 @@ def test_summary_questions_get_the_stronger_instruction():
 def test_noisy_search_results_become_a_much_smaller_prompt_with_the_facts():
     messages = eiffel_request("user")
     raw_chars = sum(len(m["content"]) for m in messages)
-    prompt = rag.build_rag_prompt(rag.detect(messages), context_length=4096, today=TODAY)
+    prompt = rag.build_rag_prompt(detect(messages), context_length=4096, today=TODAY)
     sent_chars = len(prompt.system) + len(prompt.user)
     assert sent_chars < raw_chars * 0.4
     for fact in ("330 metres", "1889", "6.3 million", "Gustave Eiffel", "2024"):
@@ -485,7 +444,7 @@ def test_noisy_search_results_become_a_much_smaller_prompt_with_the_facts():
 
 
 def test_prompt_cites_sources_by_the_clients_ids_and_keeps_the_system_prompt():
-    prompt = rag.build_rag_prompt(rag.detect(eiffel_request("system")), context_length=4096,
+    prompt = rag.build_rag_prompt(detect(eiffel_request("system")), context_length=4096,
                                   today=TODAY)
     assert prompt.sources_used == ("1", "2")
     assert "[1] https://travel.example/eiffel" in prompt.context
@@ -500,14 +459,14 @@ def test_context_hash_tracks_the_cleaned_text_not_the_noise():
     question = "How tall is the Eiffel Tower?"
     pages = web_pages()
     noisier = [(pages[0][0], pages[0][1] + "\nSign in\nAccept All Cookies\nHome\nShop\nBlog\nHelp")]
-    a = rag.build_rag_prompt(rag.detect(owui_request(fill(
+    a = rag.build_rag_prompt(detect(owui_request(fill(
         "template_newer.txt", newer_context(pages[:1]), question), question, "user")),
         context_length=4096, today=TODAY)
-    b = rag.build_rag_prompt(rag.detect(owui_request(fill(
+    b = rag.build_rag_prompt(detect(owui_request(fill(
         "template_newer.txt", newer_context(noisier), question), question, "user")),
         context_length=4096, today=TODAY)
     assert a.context_hash == b.context_hash
-    assert a.context_hash != rag.build_rag_prompt(rag.detect(eiffel_request()),
+    assert a.context_hash != rag.build_rag_prompt(detect(eiffel_request()),
                                                   context_length=4096, today=TODAY).context_hash
 
 

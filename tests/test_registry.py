@@ -5,8 +5,8 @@ import struct
 
 import pytest
 
-from config import Settings
-from registry import (BUNDLED_MODEL_ID, Registry, bundled_model_file, candidate_aliases,
+from rkllm_api.config import Settings
+from rkllm_api.models.registry import (BUNDLED_MODEL_ID, Registry, bundled_model_file, candidate_aliases,
                       gguf_context_length)
 
 

@@ -4,7 +4,7 @@ import string
 
 import pytest
 
-from repetition import RepetitionGuard
+from rkllm_api.engine.repetition import RepetitionGuard
 
 SENTENCE = "The capital of France is Paris, a city known for art and food.\n\n"
 PARAGRAPH = ("Paris is the capital of France. It has many museums, like the Louvre, and a "

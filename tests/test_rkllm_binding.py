@@ -12,10 +12,10 @@ import threading
 
 import pytest
 
-from config import Settings
+from rkllm_api.config import Settings
 from rkllm_ctypes import (STANDARD_LIBRARY_DIRS, RKLLMRuntime, choose_abi, find_library,
                           read_embedded_version)
-from runtime import (EventKind, FinishReason, RunMode, RunRequest, RuntimeLoadError,
+from rkllm_api.runtimes.base import (EventKind, FinishReason, RunMode, RunRequest, RuntimeLoadError,
                      SamplingParams)
 
 WAIT_S = 30.0

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from runtime import EventKind, FinishReason, RunRequest, Runtime
+from rkllm_api.runtimes.base import EventKind, FinishReason, RunRequest, Runtime
 from support.harness import Harness
 
 NPU_UNICODE_REPLY = "Grüße, 世界! 👋🏽 🎉 ünïcödé 你好 ok"
@@ -24,7 +24,7 @@ WAIT_S = 60.0  # upper bound for anything that should happen promptly
 
 
 def _npu_harness(name: str, lib: str, model_path: str) -> Harness:
-    from config import Settings
+    from rkllm_api.config import Settings
     from rkllm_ctypes import RKLLMRuntime
     from support.doubles import RKLLM_DOUBLE_HIDDEN_WIDTH
     runtime = RKLLMRuntime(model_path, context_length=4096,

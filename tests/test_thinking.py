@@ -1,8 +1,8 @@
 """thinking.py: streaming <think> splitting and the thinking decision."""
 import pytest
 
-from thinking import (ThinkSplitter, remove_soft_switches, requested_thinking,
-                      resolve_thinking, split_think, strip_think)
+from rkllm_api.text.thinking import (ThinkSplitter, remove_soft_switches, resolve_thinking,
+                                     split_think, strip_think)
 
 
 def run_chunks(chunks, starts_inside=False):
@@ -182,50 +182,18 @@ def test_remove_soft_switches(text, cleaned, switch):
     assert remove_soft_switches(text) == (cleaned, switch)
 
 
-@pytest.mark.parametrize("body,expected", [
-    ({}, None),
-    ({"reasoning_effort": "none"}, False),
-    ({"reasoning_effort": "minimal"}, False),
-    ({"reasoning_effort": "low"}, True),
-    ({"reasoning_effort": "HIGH"}, True),
-    ({"enable_thinking": False}, False),
-    ({"chat_template_kwargs": {"enable_thinking": True}, "enable_thinking": False}, True),
-    ({"enable_thinking": True, "reasoning_effort": "none"}, True),
-    ({"think": False}, False),
+@pytest.mark.parametrize("can,requested,text,policy,expected", [
+    (True, None, "hi", False, (True, "hi")),
+    (False, None, "hi /think", False, (False, "hi")),          # capability first
+    (True, None, "hi /think", True, (False, "hi")),            # policy beats the user switch
+    (True, False, "hi /think", False, (False, "hi")),          # an explicit off is hard
+    (True, True, "hi /no_think", False, (False, "hi")),
+    (True, None, "hi /no_think", False, (False, "hi")),
+    (True, True, "hi", False, (True, "hi")),
+    (True, None, None, False, (True, "")),
 ])
-def test_requested_thinking(body, expected):
-    assert requested_thinking(body) is expected
-
-
-@pytest.mark.parametrize("body,param", [
-    ({"reasoning_effort": "extreme"}, "reasoning_effort"),
-    ({"reasoning_effort": 3}, "reasoning_effort"),
-    ({"enable_thinking": "yes"}, "enable_thinking"),
-    ({"chat_template_kwargs": "x"}, "chat_template_kwargs"),
-    ({"chat_template_kwargs": {"enable_thinking": 1}}, "chat_template_kwargs.enable_thinking"),
-])
-def test_requested_thinking_rejects_bad_values(body, param):
-    with pytest.raises(ValueError, match=param.replace(".", r"\.")):
-        requested_thinking(body)
-
-
-@pytest.mark.parametrize("can,body,text,policy,expected", [
-    (True, {}, "hi", False, (True, "hi")),
-    (False, {}, "hi /think", False, (False, "hi")),            # capability first
-    (True, {}, "hi /think", True, (False, "hi")),              # policy beats the user switch
-    (True, {"reasoning_effort": "none"}, "hi /think", False, (False, "hi")),  # hard off
-    (True, {"reasoning_effort": "high"}, "hi /no_think", False, (False, "hi")),
-    (True, {}, "hi /no_think", False, (False, "hi")),
-    (True, {"enable_thinking": True}, "hi", False, (True, "hi")),
-    (True, {"chat_template_kwargs": {"enable_thinking": False}}, "hi", False, (False, "hi")),
-])
-def test_resolve_thinking_precedence(can, body, text, policy, expected):
-    assert resolve_thinking(can, body, text, policy) == expected
-
-
-def test_resolve_thinking_validates_even_when_model_cannot_think():
-    with pytest.raises(ValueError):
-        resolve_thinking(False, {"reasoning_effort": "lots"}, "hi", False)
+def test_resolve_thinking_precedence(can, requested, text, policy, expected):
+    assert resolve_thinking(can, requested, text, policy) == expected
 
 
 def test_starts_inside_with_an_immediate_close():
@@ -239,13 +207,3 @@ def test_starts_inside_with_an_immediate_close():
 def test_no_tags_with_starts_inside_is_all_reasoning():
     # The documented risk of starts_inside: an answer without </think> stays reasoning.
     assert run_chunks(["Just an answer."], starts_inside=True)[:2] == ("Just an answer.", "")
-
-
-def test_resolve_thinking_accepts_content_parts():
-    parts = [{"type": "text", "text": "Describe this /no_think"},
-             {"type": "image_url", "image_url": {"url": "data:,x"}}]
-    enable, cleaned = resolve_thinking(True, {}, parts, False)
-    assert enable is False
-    assert cleaned == [{"type": "text", "text": "Describe this"}, parts[1]]
-    assert parts[0]["text"] == "Describe this /no_think"      # the request is not mutated
-    assert resolve_thinking(True, {}, None, False) == (True, "")

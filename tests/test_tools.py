@@ -3,8 +3,18 @@ import json
 
 import pytest
 
-from tools import (ToolCallParser, ToolEvent, ToolSpec, canonical_tool_calls, parse_tool_request,
-                   render_tool_calls_for_history, render_tool_result, render_tools_prompt)
+from rkllm_api.errors import RequestError
+from rkllm_api.openai.protocol import parse_tool_request
+from rkllm_api.request import ToolCall, ToolSpec
+from rkllm_api.text.tools import (ToolCallParser, ToolEvent, canonical_tool_calls,
+                                  render_tool_calls_for_history, render_tool_result,
+                                  render_tools_prompt)
+
+
+def typed_calls(calls: list) -> tuple:
+    """OpenAI-shaped calls (what the parser reports) as request.ToolCalls."""
+    return tuple(ToolCall(c["function"]["name"], c["function"].get("arguments", ""),
+                          c.get("id", "")) for c in calls)
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather in a city.",
@@ -106,7 +116,7 @@ def test_legacy_functions():
     ({"tools": [WEATHER], "functions": [EXECUTE_SERVICES]}, "functions"),
 ])
 def test_bad_requests_name_the_param(body, param):
-    with pytest.raises(ValueError, match=param):
+    with pytest.raises(RequestError, match=param):
         parse_tool_request(body)
 
 
@@ -136,18 +146,11 @@ def test_history_rendering_round_trips_through_the_parser():
     calls = [{"id": "call_1", "type": "function",
               "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
              {"id": "call_2", "type": "function", "function": {"name": "get_time", "arguments": ""}}]
-    text = render_tool_calls_for_history(calls)
+    text = render_tool_calls_for_history(typed_calls(calls))
     assert text.count("<tool_call>") == 2
     parser, events, content = parse_stream(spec_for(WEATHER, TIME), [text])
     assert content == ""
-    assert canonical_tool_calls(parser.calls) == canonical_tool_calls(calls)
-
-
-def test_history_rendering_rejects_bad_calls():
-    with pytest.raises(ValueError, match=r"tool_calls\[0\].function.name"):
-        render_tool_calls_for_history([{"function": {"arguments": "{}"}}])
-    with pytest.raises(ValueError, match="arguments"):
-        render_tool_calls_for_history([{"function": {"name": "f", "arguments": 3}}])
+    assert canonical_tool_calls(typed_calls(parser.calls)) == canonical_tool_calls(typed_calls(calls))
 
 
 def test_tool_result_rendering():
@@ -156,11 +159,10 @@ def test_tool_result_rendering():
 
 
 def test_canonical_calls_ignore_ids_and_key_order():
-    a = [{"id": "call_x", "function": {"name": "f", "arguments": '{"b": 1, "a": [2]}'}}]
-    b = [{"id": "call_y", "function": {"name": "f", "arguments": '{"a":[2],"b":1}'}}]
+    a = (ToolCall("f", '{"b": 1, "a": [2]}', "call_x"),)
+    b = (ToolCall("f", '{"a":[2],"b":1}', "call_y"),)
     assert canonical_tool_calls(a) == canonical_tool_calls(b)
-    assert canonical_tool_calls(a) != canonical_tool_calls(
-        [{"function": {"name": "f", "arguments": '{"a": [3], "b": 1}'}}])
+    assert canonical_tool_calls(a) != canonical_tool_calls((ToolCall("f", '{"a": [3], "b": 1}'),))
 
 
 # -- streaming parser -----------------------------------------------------------

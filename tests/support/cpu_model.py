@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 
-from runtime import SamplingParams
+from rkllm_api.runtimes.base import SamplingParams
 from support.harness import Harness
 
 CPU_CONTEXT_LENGTH = 2048
@@ -25,7 +25,7 @@ SMOLLM_EMBEDDING_WIDTH = 576
 
 
 def _bundled_model_path():
-    from llamacpp_runtime import bundled_model_path
+    from rkllm_api.runtimes.llamacpp import bundled_model_path
     return bundled_model_path()
 
 
@@ -41,7 +41,7 @@ def smollm_path() -> str:
 @pytest.fixture(scope="session")
 def cpu_runtime(smollm_path):
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (install.sh)")
-    from llamacpp_runtime import LlamaCppRuntime
+    from rkllm_api.runtimes.llamacpp import LlamaCppRuntime
     runtime = LlamaCppRuntime(smollm_path, context_length=CPU_CONTEXT_LENGTH)
     yield runtime
     runtime.close()

@@ -90,7 +90,7 @@ def rkllm_record(tmp_path, monkeypatch) -> RkllmRecord:
 @pytest.fixture
 def npu_settings(rkllm_double_lib):
     """Settings pointing at the double of the current ABI, the ABI left to detection."""
-    from config import Settings
+    from rkllm_api.config import Settings
     return Settings(rkllm_lib_path=rkllm_double_lib, rkllm_abi="")
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from runtime import Runtime
+from rkllm_api.runtimes.base import Runtime
 
 
 @dataclass

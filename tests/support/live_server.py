@@ -24,6 +24,7 @@ import pytest
 import requests
 
 from support.doubles import RkllmRecord, make_fake_rkllm_model
+from support.openai_types import validate_openai_payload
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 START_TIMEOUT = 60.0
@@ -105,8 +106,11 @@ class LiveServer:
 
     def post(self, path: str, **kwargs) -> requests.Response:
         kwargs.setdefault("timeout", 60)
-        return requests.post(self.url + path, **kwargs)
-
+        response = requests.post(self.url + path, **kwargs)
+        if not kwargs.get("stream") and response.headers.get("Content-Type", "").startswith(
+                "application/json"):
+            validate_openai_payload(response.json())
+        return response
 
     def stream_chat(self, body: dict, timeout: float = 60,
                     path: str = "/v1/chat/completions") -> tuple:
@@ -130,7 +134,9 @@ def sse_data(lines: list) -> list:
         line = raw.decode("utf-8")
         if line.startswith("data: "):
             data = line[len("data: "):]
-            payloads.append(data if data == "[DONE]" else json.loads(data))
+            payload = data if data == "[DONE]" else json.loads(data)
+            validate_openai_payload(payload)
+            payloads.append(payload)
     return payloads
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import fields, replace
 from typing import Mapping, Optional
 
-from runtime import SamplingParams
+from rkllm_api.runtimes.base import SamplingParams
 
 # Tuned defaults per family (figures from the seed server's measured profiles,
 # plus SmolLM2's model-card recommendation of a low temperature).

@@ -41,6 +41,8 @@ import re
 from dataclasses import dataclass, replace
 from typing import Optional
 
+from rkllm_api.request import ToolSpec
+
 TASK_KINDS = ("title", "tags", "follow_ups", "queries", "autocomplete", "emoji",
               "image_prompt", "tool_selection")
 
@@ -87,18 +89,6 @@ def task_budget(kind: Optional[str]) -> int:
 
 
 # ---------------------------------------------------------------- message text
-
-
-def message_text(message: dict) -> str:
-    """The text of a chat message; the text parts of a multimodal one, joined."""
-    content = message.get("content") if isinstance(message, dict) else None
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = [p.get("text", "") for p in content
-                 if isinstance(p, dict) and p.get("type") == "text"]
-        return "\n".join(t for t in parts if isinstance(t, str))
-    return ""
 
 
 def _split_history(text: str) -> tuple[str, Optional[str]]:
@@ -156,22 +146,21 @@ def _signs_match(text: str, alternatives) -> bool:
     return any(all(re.search(p, text, re.IGNORECASE) for p in alt) for alt in alternatives)
 
 
-def _conversation(messages: list) -> list:
-    return [m for m in messages if isinstance(m, dict) and m.get("role") != "system"]
+def _conversation(messages) -> list:
+    return [m for m in messages if m.role != "system"]
 
 
-def _system_text(messages: list) -> str:
-    return "\n".join(message_text(m) for m in messages
-                     if isinstance(m, dict) and m.get("role") == "system")
+def _system_text(messages) -> str:
+    return "\n".join(m.text for m in messages if m.role == "system")
 
 
-def _single_user_text(messages: list) -> Optional[str]:
+def _single_user_text(messages) -> Optional[str]:
     """The prompt of a task request: exactly one non-system message, from the user.
     (A model's own system prompt may be prepended by Open WebUI.)"""
     rest = _conversation(messages)
-    if len(rest) != 1 or rest[0].get("role") != "user":
+    if len(rest) != 1 or rest[0].role != "user":
         return None
-    return message_text(rest[0])
+    return rest[0].text
 
 
 def _last_user(history) -> str:
@@ -223,7 +212,7 @@ def _emoji_task(text: str) -> Optional[ClientTask]:
     return ClientTask(kind="emoji", question=match.group(1).strip(), reply_format="text")
 
 
-def _tool_selection_task(messages: list) -> Optional[ClientTask]:
+def _tool_selection_task(messages) -> Optional[ClientTask]:
     system = _system_text(messages).lstrip()
     user = _single_user_text(messages)
     if user is None or not system.startswith("Available Tools:"):
@@ -236,20 +225,17 @@ def _tool_selection_task(messages: list) -> Optional[ClientTask]:
                       json_key="tool_calls" if modern else "")
 
 
-def classify(messages: list, tools: Optional[list] = None,
-             functions: Optional[list] = None) -> ClientTask:
-    """Recognise a background task and/or Home Assistant from a request's messages
-    (plus its tools/functions, which only Home Assistant detection uses)."""
-    if not isinstance(messages, list):
-        return ClientTask()
-    home_assistant = is_home_assistant(messages, tools, functions)
+def classify(messages, tools: Optional[ToolSpec] = None) -> ClientTask:
+    """Recognise a background task and/or Home Assistant from a request's typed
+    messages (plus its tools, which only Home Assistant detection uses)."""
+    home_assistant = is_home_assistant(messages, tools)
     task = _tool_selection_task(messages)
     if task is None:
         text = _single_user_text(messages)
         if text:
             task = _history_task(text) or _emoji_task(text)
     if task is None:
-        chat = [{"role": m.get("role"), "content": message_text(m)} for m in _conversation(messages)]
+        chat = [{"role": m.role, "content": m.text} for m in _conversation(messages)]
         return ClientTask(home_assistant=home_assistant, question=_last_user(chat))
     return replace(task, home_assistant=home_assistant)
 
@@ -262,24 +248,12 @@ _HA_STRONG_SIGNS = (r"smart home manager of home assistant",
 _HA_DEVICE_LIST = (r"available devices:", r"list of available devices in this smart home")
 
 
-def _function_names(tools, functions) -> set:
-    names = set()
-    for tool in tools or []:
-        if isinstance(tool, dict) and isinstance(tool.get("function"), dict):
-            names.add(tool["function"].get("name"))
-    for function in functions or []:
-        if isinstance(function, dict):
-            names.add(function.get("name"))
-    return names
-
-
-def is_home_assistant(messages: list, tools: Optional[list] = None,
-                      functions: Optional[list] = None) -> bool:
+def is_home_assistant(messages, tools: Optional[ToolSpec] = None) -> bool:
     """True for Extended OpenAI Conversation requests. Only the system prompt and
     the declared functions count: a user chatting ABOUT Home Assistant is not it."""
-    if _function_names(tools, functions) & set(_HA_FUNCTION_NAMES):
+    if tools is not None and set(tools.names) & set(_HA_FUNCTION_NAMES):
         return True
-    system = _system_text(messages if isinstance(messages, list) else []).lower()
+    system = _system_text(messages).lower()
     if not system:
         return False
     if any(re.search(p, system) for p in _HA_STRONG_SIGNS):

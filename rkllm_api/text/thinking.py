@@ -221,66 +221,20 @@ def remove_soft_switches(text: str) -> tuple:
     return cleaned, found[-1] == "think"
 
 
-def _remove_switches_from_content(content) -> tuple:
-    """remove_soft_switches for a message content as clients send it: a string,
-    null, or an array of parts (text parts cleaned, the rest kept as they are)."""
-    if isinstance(content, str) or content is None:
-        return remove_soft_switches(content or "")
-    if not isinstance(content, list):
-        return content, None
-    parts, switch = [], None
-    for part in content:
-        if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
-            text, found = remove_soft_switches(part["text"])
-            switch = found if found is not None else switch
-            part = dict(part, text=text) if found is not None else part
-        parts.append(part)
-    return parts, switch
-
-
-EFFORT_ON = ("low", "medium", "high")
-EFFORT_OFF = ("none", "minimal")
-
-
-def requested_thinking(body: dict) -> Optional[bool]:
-    """What the request itself asks for: True, False, or None (nothing said).
-    First present wins: chat_template_kwargs.enable_thinking (or .thinking),
-    enable_thinking, think (Ollama spelling), reasoning_effort."""
-    kwargs = body.get("chat_template_kwargs")
-    if kwargs is not None and not isinstance(kwargs, dict):
-        raise ValueError("chat_template_kwargs must be an object")
-    for source, holder, key in (("chat_template_kwargs.enable_thinking", kwargs, "enable_thinking"),
-                                ("chat_template_kwargs.thinking", kwargs, "thinking"),
-                                ("enable_thinking", body, "enable_thinking"),
-                                ("think", body, "think")):
-        value = (holder or {}).get(key)
-        if value is None:
-            continue
-        if not isinstance(value, bool):
-            raise ValueError(f"{source} must be a boolean")
-        return value
-    effort = body.get("reasoning_effort")
-    if effort is None:
-        return None
-    if not isinstance(effort, str) or effort.lower() not in EFFORT_ON + EFFORT_OFF:
-        raise ValueError("reasoning_effort must be one of: "
-                         + ", ".join(EFFORT_OFF + EFFORT_ON))
-    return effort.lower() in EFFORT_ON
-
-
-def resolve_thinking(model_can_think: bool, body: dict, last_user_text: str,
+def resolve_thinking(model_can_think: bool, requested: Optional[bool], last_user_text: str,
                      policy_off: bool) -> tuple:
-    """(enable_thinking, last user text without soft switches). last_user_text may
-    also be a content array of parts; the cleaned array is returned then.
+    """(enable_thinking, last user text without soft switches).
+
+    requested: what the request itself said (True, False, None for nothing), as its
+    surface parsed it (OpenAI: chat_template_kwargs.enable_thinking, reasoning_effort;
+    Ollama: think).
 
     Precedence: a model that cannot think never does; server policy (background
     tasks, Home Assistant, RAG on small contexts) turns it off; a request that
     explicitly says off is a hard off (as Qwen3's enable_thinking=False, which
     the soft switches cannot undo); then `/think` / `/no_think` in the last user
-    message (the last one written wins); otherwise on. Request values are
-    validated even when they cannot matter, so bad input is always a 400."""
-    requested = requested_thinking(body or {})
-    cleaned, switch = _remove_switches_from_content(last_user_text)
+    message (the last one written wins); otherwise on."""
+    cleaned, switch = remove_soft_switches(last_user_text or "")
     if not model_can_think or policy_off or requested is False:
         return False, cleaned
     if switch is not None:

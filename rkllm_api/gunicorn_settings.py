@@ -8,7 +8,7 @@ its threads let one request generate while others wait in the engine's FIFO queu
 come from the same settings the app reads (RKLLM_API_HOST, RKLLM_API_PORT,
 RKLLM_API_THREADS).
 """
-from config import Settings
+from rkllm_api.config import Settings
 
 
 def options(settings: Settings = None) -> dict:

@@ -1,5 +1,5 @@
-"""Function calling: the request's tools, the prompt that teaches them, and the
-parsing of calls out of the model's answer.
+"""Function calling: the prompt that teaches a request's tools (request.ToolSpec),
+and the parsing of calls out of the model's answer.
 
 The model is taught the Qwen/Hermes convention (tools listed as JSON lines inside
 `<tools>`, calls written as `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`)
@@ -21,138 +21,12 @@ import json
 import re
 import secrets
 import string
-from dataclasses import dataclass, field
 from typing import NamedTuple, Optional
+
+from rkllm_api.request import ToolSpec
 
 CALL_OPEN = "<tool_call>"
 CALL_CLOSE = "</tool_call>"
-_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-_CHOICES = ("auto", "none", "required")
-
-
-@dataclass(frozen=True)
-class ToolFunction:
-    name: str
-    description: str = ""
-    parameters: dict = field(default_factory=dict)
-
-    def as_openai(self) -> dict:
-        function = {"name": self.name}
-        if self.description:
-            function["description"] = self.description
-        function["parameters"] = self.parameters or {"type": "object", "properties": {}}
-        return {"type": "function", "function": function}
-
-
-@dataclass(frozen=True)
-class ToolSpec:
-    functions: tuple
-    choice: str = "auto"              # "auto" | "none" | "required" | "named"
-    forced_name: Optional[str] = None  # the function to call when choice == "named"
-    legacy: bool = False              # functions/function_call request: answer with function_call
-    parallel: bool = True             # several calls per answer allowed
-
-    @property
-    def names(self) -> tuple:
-        return tuple(f.name for f in self.functions)
-
-    def function(self, name: str) -> Optional[ToolFunction]:
-        return next((f for f in self.functions if f.name == name), None)
-
-
-# -- request parsing ---------------------------------------------------------
-
-def parse_tool_request(body: dict) -> Optional[ToolSpec]:
-    """The tools a chat request offers, or None. Raises ValueError naming the
-    offending parameter (the API answers 400)."""
-    tools, functions = body.get("tools"), body.get("functions")
-    if tools and functions:
-        raise ValueError("tools and functions cannot both be given; use tools")
-    if tools:
-        return _parse_tools(tools, body.get("tool_choice"), body.get("parallel_tool_calls"))
-    if functions:
-        return _parse_functions(functions, body.get("function_call"))
-    for param, value in (("tools", tools), ("functions", functions)):
-        if value is not None and not isinstance(value, list):
-            raise ValueError(f"{param} must be an array")
-    for param in ("tool_choice", "function_call"):
-        choice = body.get(param)
-        if choice not in (None, "auto", "none"):
-            raise ValueError(f"{param} needs {'tools' if param == 'tool_choice' else 'functions'}")
-    return None
-
-
-def _parse_tools(tools, tool_choice, parallel) -> ToolSpec:
-    if not isinstance(tools, list):
-        raise ValueError("tools must be an array")
-    functions = []
-    for i, tool in enumerate(tools):
-        if not isinstance(tool, dict):
-            raise ValueError(f"tools[{i}] must be an object")
-        if tool.get("type", "function") != "function":
-            raise ValueError(f"tools[{i}].type must be 'function'")
-        functions.append(_parse_function(tool.get("function"), f"tools[{i}].function"))
-    _check_unique(functions, "tools")
-    choice, forced = _parse_choice(tool_choice, "tool_choice", functions)
-    if parallel is not None and not isinstance(parallel, bool):
-        raise ValueError("parallel_tool_calls must be a boolean")
-    return ToolSpec(tuple(functions), choice, forced, legacy=False,
-                    parallel=parallel is not False)
-
-
-def _parse_functions(functions, function_call) -> ToolSpec:
-    if not isinstance(functions, list):
-        raise ValueError("functions must be an array")
-    parsed = [_parse_function(f, f"functions[{i}]") for i, f in enumerate(functions)]
-    _check_unique(parsed, "functions")
-    choice, forced = _parse_choice(function_call, "function_call", parsed)
-    # The legacy answer carries a single function_call.
-    return ToolSpec(tuple(parsed), choice, forced, legacy=True, parallel=False)
-
-
-def _parse_function(function, where: str) -> ToolFunction:
-    if not isinstance(function, dict):
-        raise ValueError(f"{where} must be an object")
-    name = function.get("name")
-    if not isinstance(name, str) or not _NAME_PATTERN.match(name):
-        raise ValueError(f"{where}.name must be 1-64 letters, digits, '_', '.' or '-'")
-    description = function.get("description") or ""
-    if not isinstance(description, str):
-        raise ValueError(f"{where}.description must be a string")
-    parameters = function.get("parameters")
-    parameters = {} if parameters is None else parameters
-    if not isinstance(parameters, dict):
-        raise ValueError(f"{where}.parameters must be a JSON Schema object")
-    return ToolFunction(name, description, parameters)
-
-
-def _check_unique(functions, param: str) -> None:
-    seen = set()
-    for f in functions:
-        if f.name in seen:
-            raise ValueError(f"{param}: function name {f.name!r} is given twice")
-        seen.add(f.name)
-
-
-def _parse_choice(choice, param: str, functions) -> tuple:
-    if choice is None:
-        return "auto", None
-    if isinstance(choice, str):
-        if choice not in _CHOICES:
-            raise ValueError(f"{param} must be one of {', '.join(_CHOICES)} or a function")
-        if param == "function_call" and choice == "required":
-            raise ValueError("function_call must be 'auto', 'none' or {\"name\": ...}")
-        return choice, None
-    if not isinstance(choice, dict):
-        raise ValueError(f"{param} must be a string or an object")
-    # {"type": "function", "function": {"name": X}}, or the flat {"name": X}.
-    named = choice.get("function") if isinstance(choice.get("function"), dict) else choice
-    name = named.get("name")
-    if not isinstance(name, str):
-        raise ValueError(f"{param} must name a function")
-    if name not in {f.name for f in functions}:
-        raise ValueError(f"{param} names {name!r}, which is not among the offered functions")
-    return "named", name
 
 
 # -- prompt ------------------------------------------------------------------
@@ -186,17 +60,15 @@ def render_tools_prompt(spec: Optional[ToolSpec]) -> str:
 
 
 def render_tool_calls_for_history(tool_calls) -> str:
-    """An assistant message's tool_calls written back as the model writes them.
-    Raises ValueError with a path relative to the message (tool_calls[0]...)."""
-    if not isinstance(tool_calls, list):
-        raise ValueError("tool_calls must be an array")
+    """An assistant message's tool calls (request.ToolCall) written back as the
+    model writes them."""
     blocks = []
-    for name, arguments in _call_pairs(tool_calls):
+    for call in tool_calls:
         try:
-            value = json.loads(arguments) if arguments.strip() else {}
+            value = json.loads(call.arguments) if call.arguments.strip() else {}
         except ValueError:
-            value = arguments
-        body = json.dumps({"name": name, "arguments": value}, ensure_ascii=False)
+            value = call.arguments
+        body = json.dumps({"name": call.name, "arguments": value}, ensure_ascii=False)
         blocks.append(f"{CALL_OPEN}\n{body}\n{CALL_CLOSE}")
     return "\n".join(blocks)
 
@@ -212,31 +84,14 @@ def canonical_tool_calls(tool_calls) -> tuple:
     """(name, arguments with sorted keys) per call, ids ignored: equal for a call
     the server parsed and the same call echoed back by a client."""
     pairs = []
-    for name, arguments in _call_pairs(tool_calls or []):
+    for call in tool_calls:
         try:
-            arguments = json.dumps(json.loads(arguments.strip() or "{}"), sort_keys=True,
+            arguments = json.dumps(json.loads(call.arguments.strip() or "{}"), sort_keys=True,
                                    separators=(",", ":"), ensure_ascii=False)
         except ValueError:
-            arguments = arguments.strip()
-        pairs.append((name, arguments))
+            arguments = call.arguments.strip()
+        pairs.append((call.name, arguments))
     return tuple(pairs)
-
-
-def _call_pairs(tool_calls) -> list:
-    pairs = []
-    for i, call in enumerate(tool_calls):
-        function = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-            raise ValueError(f"tool_calls[{i}].function.name must be a string")
-        arguments = function.get("arguments", "")
-        if isinstance(arguments, dict):
-            arguments = json.dumps(arguments, ensure_ascii=False)
-        if arguments is None:
-            arguments = ""
-        if not isinstance(arguments, str):
-            raise ValueError(f"tool_calls[{i}].function.arguments must be a string")
-        pairs.append((function["name"], arguments))
-    return pairs
 
 
 # -- answer parsing ----------------------------------------------------------

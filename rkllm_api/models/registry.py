@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import BinaryIO, Optional
 
-from runtime import device_for_model_file
+from rkllm_api.runtimes.factory import device_for_model_file
 
 log = logging.getLogger(__name__)
 
@@ -359,7 +359,7 @@ def bundled_model_file() -> Optional[str]:
     """The bundled SmolLM2 GGUF when it and the CPU runtime it needs are installed."""
     if importlib.util.find_spec("llama_cpp") is None:
         return None
-    from llamacpp_runtime import bundled_model_path  # imports no llama_cpp itself
+    from rkllm_api.runtimes.llamacpp import bundled_model_path  # imports no llama_cpp itself
     return bundled_model_path()
 
 

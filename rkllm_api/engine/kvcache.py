@@ -6,7 +6,7 @@ Two kinds of files live under the cache directory (KV_CACHE_DIR, default
 * snapshots/ : the KV state of a conversation the engine left for another one
   (two users, two chats), so it can be restored instead of prefilled again when
   that conversation comes back. Bounded LRU (KV_SNAPSHOT_MAX_ENTRIES / _MAX_MB),
-  kept in memory only: the folder is emptied when the store is created, because a
+  kept in memory only: the folder is emptied when the store starts, because a
   snapshot is only valid for the runtime instance that wrote it.
 * <model id>/ : prompt caches that outlive the process. `system-<model>-<text>.cache`
   holds the prefilled system prompt (named by a hash of the model file's identity and
@@ -85,7 +85,11 @@ class SnapshotStore:
         self._entries: "collections.OrderedDict[tuple, Snapshot]" = collections.OrderedDict()
         self._lock = threading.Lock()
         self._counter = 0
-        shutil.rmtree(self.directory, ignore_errors=True)  # earlier states are void
+
+    def start(self) -> None:
+        """Prepare the folder: earlier states in it are void (a snapshot is valid only
+        for the runtime instance that wrote it), and folders of dead processes go."""
+        shutil.rmtree(self.directory, ignore_errors=True)
         os.makedirs(self.directory, exist_ok=True)
         _remove_dead_process_folders(os.path.dirname(self.directory))
 

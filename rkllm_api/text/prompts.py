@@ -1,4 +1,4 @@
-"""OpenAI messages -> the plain-text prompt a runtime wraps in its chat template.
+"""Typed request messages -> the plain-text prompt a runtime wraps in its chat template.
 
 The runtime applies the model's own template to what we send (and treats special
 tokens written as text as plain text), so the prompt is readable text: the system
@@ -20,19 +20,15 @@ is rough; counted prompts must leave at least one token for the answer.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-import thinking
-import tools
+from rkllm_api.text import thinking
+from rkllm_api.text import tools
 
 CHARS_PER_TOKEN = 3.5
-_SYSTEM_ROLES = ("system", "developer")
-_TOOL_ROLES = ("tool", "function")
-_ROLES = _SYSTEM_ROLES + _TOOL_ROLES + ("user", "assistant")
 
 # Chat-template control tokens of the model families we serve. Written as text
 # they would not be special to the runtime, but they confuse the model.
@@ -46,7 +42,9 @@ _SPECIAL_TOKENS = re.compile(
 class PromptTooLong(ValueError):
     """The prompt does not fit the context even after dropping old turns."""
 
-    def __init__(self, prompt_tokens: int, context_length: int, estimated: bool):
+    def __init__(self, prompt_tokens: int, context_length: int, estimated: bool,
+                 param: str = "messages"):
+        self.param = param                  # the request field the prompt came from
         self.prompt_tokens = prompt_tokens
         self.context_length = context_length
         self.estimated = estimated
@@ -73,7 +71,7 @@ class BuiltPrompt:
 
     def key_after_answer(self, content: str, tool_calls: Optional[list] = None) -> tuple:
         """What the KV cache holds once this prompt was answered with content
-        (the content part of the answer) and tool_calls (parsed calls or None)."""
+        (the content part of the answer) and tool_calls (request.ToolCall, or None)."""
         return self.full_key + (_assistant_entry(content, tool_calls),)
 
 
@@ -91,7 +89,7 @@ def _normalize(text: str) -> str:
 
 def _assistant_entry(content: str, tool_calls) -> tuple:
     text = thinking.strip_think(strip_special_tokens(content or ""))
-    return ("assistant", _normalize(text), tools.canonical_tool_calls(tool_calls or []))
+    return ("assistant", _normalize(text), tools.canonical_tool_calls(tool_calls or ()))
 
 
 @dataclass(frozen=True)
@@ -106,7 +104,7 @@ class _Message:
 class PromptBuilder:
     def __init__(self, settings=None):
         if settings is None:
-            from config import Settings
+            from rkllm_api.config import Settings
             settings = Settings()
         self._reserve_share = settings.history_context_reserve
         self._assistant_cap = settings.assistant_history_cap
@@ -162,10 +160,11 @@ class PromptBuilder:
             dropped += 1
         return groups[dropped:], dropped
 
-    def _check_fits(self, prompt_tokens: int, context_length: int, estimated: bool) -> None:
+    def _check_fits(self, prompt_tokens: int, context_length: int, estimated: bool,
+                    param: str = "messages") -> None:
         limit = context_length * self._tolerance if estimated else context_length - 1
         if prompt_tokens > limit:
-            raise PromptTooLong(prompt_tokens, context_length, estimated)
+            raise PromptTooLong(prompt_tokens, context_length, estimated, param)
 
     def _render(self, turns: list, labelled: bool) -> str:
         if not labelled:
@@ -182,18 +181,15 @@ class PromptBuilder:
 
     # -- completions --------------------------------------------------------
 
-    def build_completion(self, prompt, *, context_length: int, max_new_tokens: Optional[int] = None,
+    def build_completion(self, prompt: str, *, context_length: int,
+                         max_new_tokens: Optional[int] = None,
                          count_tokens: Optional[Callable] = None) -> BuiltPrompt:
         """/v1/completions: the prompt string as it is (special tokens removed).
         Standalone: the engine neither reuses nor keeps the KV cache for it."""
-        if isinstance(prompt, list) and len(prompt) == 1:
-            prompt = prompt[0]
-        if not isinstance(prompt, str):
-            raise ValueError("prompt must be a string (token arrays and batches are not supported)")
         text = strip_special_tokens(prompt)
         counter = _Counter(count_tokens)
         tokens = counter.count(text)
-        self._check_fits(tokens, context_length, counter.estimated)
+        self._check_fits(tokens, context_length, counter.estimated, param="prompt")
         key = (("prompt", _normalize(text)),)
         return BuiltPrompt(text=text, system="", conversation_text=text, tail_text=text,
                            tail_role="user", prompt_tokens=tokens, tail_tokens=tokens,
@@ -244,72 +240,28 @@ def _group_turns(turns: list) -> list:
     return groups
 
 
-# -- message parsing ---------------------------------------------------------
+# -- messages ------------------------------------------------------------------
 
 def parse_messages(messages) -> list:
-    if not isinstance(messages, list) or not messages:
+    """Typed request Messages (rkllm_api.request) as the builder's _Message list:
+    special tokens removed, reasoning taken out of earlier answers, the soft
+    thinking switches removed from user text."""
+    if not messages:
         raise ValueError("messages must be a non-empty array")
-    parsed, call_names = [], {}
-    for i, message in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(message, dict):
-            raise ValueError(f"{where} must be an object")
-        role = message.get("role")
-        if role not in _ROLES:
-            raise ValueError(f"{where}.role must be one of {', '.join(_ROLES)}")
-        text, images = _content_text(message.get("content"), where)
-        if role in _SYSTEM_ROLES:
+    parsed = []
+    for message in messages:
+        text = strip_special_tokens(message.text)
+        if message.role == "system":
             parsed.append(_Message("system", text.strip()))
-        elif role == "user":
+        elif message.role == "user":
             text, _ = thinking.remove_soft_switches(text)
+            images = tuple(image.digest for image in message.images)
             parsed.append(_Message("user", text.strip(), key=("user", _normalize(text), images)))
-        elif role == "assistant":
-            parsed.append(_assistant_message(message, text, where, call_names))
+        elif message.role == "assistant":
+            calls_text = tools.render_tool_calls_for_history(message.tool_calls)
+            parsed.append(_Message("assistant", thinking.strip_think(text), calls_text,
+                                   key=_assistant_entry(text, message.tool_calls)))
         else:
-            name = message.get("name") or call_names.get(message.get("tool_call_id"), "")
-            parsed.append(_Message("tool", text.strip(), name=name if isinstance(name, str) else "",
+            parsed.append(_Message("tool", text.strip(), name=message.name,
                                    key=("tool", _normalize(text))))
     return parsed
-
-
-def _assistant_message(message: dict, text: str, where: str, call_names: dict) -> _Message:
-    calls = message.get("tool_calls")
-    if calls is None and isinstance(message.get("function_call"), dict):
-        calls = [{"function": message["function_call"]}]   # the legacy single call
-    calls = calls or []
-    try:
-        calls_text = tools.render_tool_calls_for_history(calls)
-    except ValueError as error:
-        raise ValueError(f"{where}.{error}") from None
-    for call in calls:
-        if isinstance(call, dict) and call.get("id"):
-            call_names[call["id"]] = call["function"]["name"]
-    answer = thinking.strip_think(text)
-    return _Message("assistant", answer, calls_text, key=_assistant_entry(text, calls))
-
-
-def _content_text(content, where: str) -> tuple:
-    """(text, image digests) of a message content: string, null or parts."""
-    if content is None:
-        return "", ()
-    if isinstance(content, str):
-        return strip_special_tokens(content), ()
-    if not isinstance(content, list):
-        raise ValueError(f"{where}.content must be a string or an array of parts")
-    texts, images = [], []
-    for j, part in enumerate(content):
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind in ("text", "input_text", "refusal"):
-            value = part.get(kind if kind == "refusal" else "text")
-            if not isinstance(value, str):
-                raise ValueError(f"{where}.content[{j}].text must be a string")
-            texts.append(strip_special_tokens(value))
-        elif kind in ("image_url", "input_image", "image"):
-            images.append(_digest(part))   # images are vision.py's business
-        else:
-            raise ValueError(f"{where}.content[{j}].type must be 'text' or 'image_url'")
-    return "\n".join(texts), tuple(images)
-
-
-def _digest(part: dict) -> str:
-    return hashlib.sha1(repr(sorted(part.items())).encode()).hexdigest()[:16]

@@ -1,0 +1,121 @@
+"""Vision path cost on the CPU: image preprocessing, and the encoder call through ctypes.
+
+Preprocessing: a photo-like image of 0.3, 2 and 12 megapixels, sent as a base64 data
+URL (what Open WebUI sends), turned into a 448 x 448 encoder input by
+rkllm_api.vision: base64, decode, EXIF, pad, resize, layout. Two encoder kinds: a
+quantised one (uint8 NHWC, no normalisation) and a float one (float32 NCHW, CLIP
+mean/std). Median of --repeats runs.
+
+Encoder path: RknnEncoder.encode() on the compiled librknnrt double. With a 2 x 2
+input and a 1 x 3 output the double does nothing, so the time is the binding's own
+overhead (four ctypes calls, the input struct, the output copy). With a 448 x 448
+input and a 256 x 1536 output it adds the double's pass over the pixels and the
+1.5 MB output copy. A real NPU takes hundreds of milliseconds per image, so both must
+stay far below that.
+
+    .venv/bin/python bench/vision_bench.py [--repeats 7] [--calls 2000]
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+
+from doubles.build_rknn import build_rknn_double  # noqa: E402
+from rkllm_api import vision  # noqa: E402
+from rknn_ctypes import RknnEncoder  # noqa: E402
+
+SIZES = {"0.3 MP": (640, 480), "2 MP": (1632, 1224), "12 MP": (4000, 3000)}
+TARGETS = {"uint8 NHWC": vision.EncoderInput(448, 448, 3, "NHWC", "uint8"),
+           "float32 NCHW": vision.EncoderInput(448, 448, 3, "NCHW", "float32")}
+
+
+def photo(width: int, height: int):
+    """Smooth gradients with fine noise: compresses like a photo, unlike flat colour
+    (too easy) or pure noise (too hard)."""
+    import numpy
+    from PIL import Image
+    rng = numpy.random.default_rng(0)
+    y, x = numpy.mgrid[0:height, 0:width].astype(numpy.float32)
+    base = numpy.stack([x / width * 255, y / height * 255, (x + y) / (width + height) * 255], -1)
+    noisy = base + rng.normal(0, 12, base.shape).astype(numpy.float32)
+    return Image.fromarray(numpy.clip(noisy, 0, 255).astype(numpy.uint8))
+
+
+def as_data_url(image, fmt: str) -> str:
+    out = io.BytesIO()
+    image.save(out, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(out.getvalue()).decode()
+
+
+def median_ms(work, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1000.0
+
+
+def preprocessing_table(repeats: int) -> list:
+    norm = vision.normalisation_for("qwen2-vl")
+    limits = vision.ImageLimits(max_bytes=64 * 1024 * 1024)
+    rows = []
+    for label, (width, height) in SIZES.items():
+        image = photo(width, height)
+        for fmt in ("JPEG", "PNG"):
+            url = as_data_url(image, fmt)
+            row = [label, fmt, f"{len(url) * 3 // 4 / 1e6:.2f} MB"]
+            for spec in TARGETS.values():
+                row.append(median_ms(lambda: vision.preprocess_all([url], spec, norm, limits),
+                                     repeats))
+            rows.append(row)
+    return rows
+
+
+def encoder_table(work_dir: str, calls: int) -> list:
+    import numpy
+    library = build_rknn_double(work_dir)
+    rows = []
+    for label, header in (("2x2 in, 1x3 out (overhead only)", "h=2 w=2 c=3 out=1x3"),
+                          ("448x448 in, 256x1536 out", "h=448 w=448 c=3 out=256x1536")):
+        model = os.path.join(work_dir, "bench.rknn")
+        with open(model, "w", encoding="ascii") as handle:
+            handle.write(f"FAKE-RKNN {header} layout=NHWC type=uint8\n")
+        with RknnEncoder(model, lib_path=library) as encoder:
+            pixels = numpy.zeros(encoder.input_spec.shape, numpy.uint8)
+            count = calls if "overhead" in label else max(1, calls // 20)
+            encoder.encode(pixels)  # warm up
+            started = time.perf_counter()
+            for _ in range(count):
+                encoder.encode(pixels)
+            rows.append((label, count, (time.perf_counter() - started) / count * 1e6))
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7, help="runs per preprocessing figure")
+    parser.add_argument("--calls", type=int, default=2000, help="encode() calls (overhead)")
+    args = parser.parse_args(argv)
+    print("Preprocessing a data URL to a 448x448 encoder input (median ms):")
+    print(f"{'image':8} {'format':6} {'size':>9} " + " ".join(f"{t:>14}" for t in TARGETS))
+    for label, fmt, size, *ms in preprocessing_table(args.repeats):
+        print(f"{label:8} {fmt:6} {size:>9} " + " ".join(f"{m:14.1f}" for m in ms))
+    with tempfile.TemporaryDirectory(prefix="vision-bench-") as work_dir:
+        print("\nRknnEncoder.encode() on the librknnrt double (mean per call):")
+        for label, count, us in encoder_table(work_dir, args.calls):
+            print(f"  {label:34} {count:6} calls  {us:9.1f} us/call")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

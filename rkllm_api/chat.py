@@ -1,0 +1,286 @@
+"""Serving a typed request, independent of the wire: from ChatRequest to a Reply.
+
+Every surface (OpenAI, Ollama) parses its body into rkllm_api.request types and
+calls ChatService.chat() / .complete(); it gets back a Reply: the pipeline's event
+stream plus what it may put in headers. The decisions live here, once:
+
+    who asks (clients.py)         -> an instant answer for an Open WebUI task, or
+                                     thinking off / a token budget for housekeeping
+    thinking (thinking.py)        -> on or off; /think and /no_think removed
+    retrieved context (rag.py)    -> a cleaned standalone turn, a cached answer, or none
+    prompt (prompts.py)           -> plain text + the KV plan's keys
+    engine                        -> a Generation on the model's device
+    transforms (pipeline.py)      -> stop, thinking, tools, KV commit, RAG cache
+"""
+from __future__ import annotations
+
+import hashlib
+import threading
+import uuid
+from dataclasses import dataclass, replace
+from datetime import date
+from typing import Iterator, Optional
+
+import rag
+from rkllm_api import pipeline
+from rkllm_api.engine.generation import GenerationJob
+from rkllm_api.engine.kvcache import CacheNameError
+from rkllm_api.errors import RequestError, model_not_found
+from rkllm_api.request import ChatRequest, CompletionRequest, last_index
+from rkllm_api.runtimes.base import RunRequest
+from rkllm_api.text import clients, prompts, thinking, tools
+
+SERVER_VERSION = "0.1.0"
+UNAPPLIED_SAMPLING_HEADER = "X-RKLLM-Sampling-Unapplied"
+PREFILL_TOKENS_HEADER = "X-RKLLM-Prefill-Tokens"
+KV_MODE_HEADER = "X-RKLLM-KV"
+
+
+@dataclass
+class Reply:
+    """One answer as pipeline events. `generation` is None for an answer that needed
+    no model run; `legacy_functions`: the client used OpenAI's `functions`."""
+    model_id: str
+    fingerprint: str
+    events: Iterator
+    generation: object = None
+    legacy_functions: bool = False
+
+    def cancel(self) -> None:
+        """Abort the run (if any) and close the event stream: the client is gone."""
+        if self.generation is not None:
+            self.generation.cancel()
+        self.events.close()
+
+    def headers(self) -> dict:
+        """What the server says about the run in response headers: the sampling
+        fields the runtime could not apply (librkllmrt 1.2 fixes sampling at load; no
+        NPU runtime has a seed; known before the run, so streamed replies carry it
+        too), and how the KV cache served the prompt (known once the run is over)."""
+        generation = self.generation
+        if generation is None:
+            return {}
+        headers = {}
+        unapplied = generation.unapplied_sampling
+        if not unapplied and generation.result is not None:
+            unapplied = generation.result.unapplied_sampling
+        if unapplied:
+            headers[UNAPPLIED_SAMPLING_HEADER] = ",".join(unapplied)
+        if generation.prefilled_tokens is not None:
+            headers[PREFILL_TOKENS_HEADER] = str(generation.prefilled_tokens)
+            headers[KV_MODE_HEADER] = str(generation.kv_mode or "-")
+        return headers
+
+
+def system_fingerprint(info) -> str:
+    digest = hashlib.sha1(f"{SERVER_VERSION}:{info.id}:{info.device}".encode()).hexdigest()
+    return "fp_" + digest[:10]
+
+
+@dataclass(frozen=True)
+class RetrievalTurn:
+    """rag.plan_turn's outcome for one request: the messages to answer and, for a
+    turn that uses the sources, its response-cache key (None: no caching)."""
+    plan: object
+    messages: tuple
+    cache_key: Optional[str] = None
+
+    @property
+    def standalone(self) -> bool:
+        """The sources are used: the turn is self-contained (sources + question)."""
+        return self.plan is not None and self.plan.use_sources
+
+    @property
+    def thinking_off(self) -> bool:
+        return self.standalone and self.plan.disable_thinking
+
+
+class ChatService:
+    """The request path every surface shares. Holds the prompt builder and the RAG
+    response cache of one app; the engine and registry are passed in."""
+
+    def __init__(self, settings, registry, engine):
+        self.settings = settings
+        self.registry = registry
+        self.engine = engine
+        self.prompt_builder = prompts.PromptBuilder(settings)
+        self._rag_cache = None
+        self._rag_cache_lock = threading.Lock()
+
+    # -- models -------------------------------------------------------------------
+
+    def resolve_model(self, name: Optional[str]):
+        info = self.registry.resolve(name) if name else self.registry.default_model()
+        if info is None:
+            raise model_not_found(name or "(default)")
+        return info
+
+    @property
+    def rag_cache(self):
+        """The RAG response cache, made on first use."""
+        with self._rag_cache_lock:
+            if self._rag_cache is None:
+                self._rag_cache = rag.ResponseCache.from_settings(self.settings)
+            return self._rag_cache
+
+    # -- chat ---------------------------------------------------------------------
+
+    def chat(self, req: ChatRequest) -> Reply:
+        info = self.resolve_model(req.model)
+        self._check_vision(req, info)
+        task = clients.classify(req.messages, req.tools)
+        instant = self._instant_reply(req, info, task)
+        if instant is not None:
+            return instant
+        enable_thinking, messages = self._decide_thinking(req, info, task.thinking_off)
+        tools_prompt = tools.render_tools_prompt(req.tools)
+        retrieval = self._plan_retrieval(req, messages, info)
+        cached = self._cached_reply(info, retrieval)
+        if cached is not None:
+            return cached
+        enable_thinking = enable_thinking and not retrieval.thinking_off
+        built = self._build_chat_prompt(retrieval.messages, req, info, tools_prompt)
+        if task.background or retrieval.standalone:
+            # Must not disturb the conversation's KV state: run with keep_history=False.
+            built = replace(built, standalone=True)
+        # The whole prompt: the engine owns the KV plan and turns this into a
+        # tail-only run when the conversation matches what its cache holds.
+        run = RunRequest(prompt=built.text, enable_thinking=enable_thinking,
+                         keep_history=not built.standalone,
+                         max_new_tokens=self._answer_budget(req.max_tokens, task),
+                         sampling=req.sampling)
+        generation = self._start(info, run, built, req.use_cache)
+        transforms = self._chat_transforms(info, enable_thinking, req.tools)
+        transforms.append(pipeline.CommitAnswer(generation))
+        if retrieval.cache_key is not None:
+            transforms.append(pipeline.CacheAnswer(self.rag_cache, retrieval.cache_key,
+                                                   generation))
+        return self._reply(info, generation, req.stop, transforms,
+                           legacy=bool(req.tools and req.tools.legacy))
+
+    def complete(self, req: CompletionRequest) -> Reply:
+        info = self.resolve_model(req.model)
+        built = self.prompt_builder.build_completion(
+            req.prompt, context_length=info.context_length,
+            max_new_tokens=req.max_tokens or self.settings.default_max_tokens)
+        run = RunRequest(prompt=built.text, enable_thinking=False, keep_history=False,
+                         max_new_tokens=req.max_tokens or self.settings.default_max_tokens,
+                         sampling=req.sampling)
+        generation = self._start(info, run, built, "")
+        return self._reply(info, generation, req.stop, [])
+
+    # -- steps --------------------------------------------------------------------
+
+    @staticmethod
+    def _check_vision(req: ChatRequest, info) -> None:
+        if "vision" in info.capabilities:
+            return
+        for index, message in enumerate(req.messages):
+            if message.images:
+                raise RequestError(f"the model '{info.id}' does not accept images",
+                                   param=f"messages[{index}].content",
+                                   code="model_not_vision_capable")
+
+    def _instant_reply(self, req: ChatRequest, info, task) -> Optional[Reply]:
+        """An Open WebUI background task answered without the model (title, tags,
+        queries; each shortcut can be switched off in settings), or None."""
+        if not task.background:
+            return None
+        answer = clients.instant_answer(task, self.settings)
+        if answer is None:
+            return None
+        return self._canned(info, answer, "", estimated_usage(req.messages, answer))
+
+    def _decide_thinking(self, req: ChatRequest, info, policy_off: bool) -> tuple:
+        """(enable_thinking, messages with /think and /no_think removed from the last
+        user message)."""
+        messages = req.messages
+        last_user = last_index(messages, "user")
+        text = messages[last_user].text if last_user is not None else ""
+        enable, cleaned = thinking.resolve_thinking(
+            "thinking" in info.capabilities, req.thinking, text, policy_off=policy_off)
+        if last_user is not None and cleaned != text:
+            messages = (messages[:last_user] + (messages[last_user].with_text(cleaned),)
+                        + messages[last_user + 1:])
+        return enable, messages
+
+    def _plan_retrieval(self, req: ChatRequest, messages: tuple, info) -> RetrievalTurn:
+        """Retrieved context in the request: the cleaned reading-comprehension turn,
+        the chat without the sources, or no change."""
+        plan = rag.plan_turn(messages, context_length=info.context_length, today=date.today(),
+                             settings=self.settings)
+        if plan is None:
+            return RetrievalTurn(None, messages)
+        if not plan.use_sources:
+            return RetrievalTurn(plan, plan.messages)
+        cache = self.rag_cache
+        # A stop sequence may cut an answer short for its own request only.
+        key = None
+        if cache.enabled and not req.stop:
+            key = cache.key(info.id, plan.prompt.context_hash, plan.rag.question)
+        return RetrievalTurn(plan, plan.turn_messages(), key)
+
+    def _cached_reply(self, info, retrieval: RetrievalTurn) -> Optional[Reply]:
+        """The same question over the same cleaned sources: the stored answer, no run."""
+        if retrieval.cache_key is None:
+            return None
+        hit = self.rag_cache.get(retrieval.cache_key)
+        if hit is None:
+            return None
+        usage = estimated_usage(retrieval.messages, hit["content"])
+        return self._canned(info, hit["content"], hit["reasoning"], usage)
+
+    def _build_chat_prompt(self, messages: tuple, req: ChatRequest, info, tools_prompt: str):
+        return self.prompt_builder.build_chat(
+            messages, context_length=info.context_length, tools_prompt=tools_prompt,
+            max_new_tokens=req.max_tokens or self.settings.default_max_tokens)
+
+    def _answer_budget(self, wanted: Optional[int], task) -> int:
+        """max_new_tokens: the request's (or the default), capped for a background
+        task so a rambling model cannot hold the device for housekeeping."""
+        wanted = wanted or self.settings.default_max_tokens
+        budget = clients.task_budget(task.kind)
+        return min(wanted, budget) if budget else wanted
+
+    def _start(self, info, run: RunRequest, built, use_cache: str):
+        if use_cache:
+            # Checked now, so a bad or unknown name is a 400/404 before the run.
+            try:
+                self.engine.prompt_cache(info.id, use_cache)
+            except CacheNameError as exc:
+                raise RequestError(str(exc), param="use_cache") from None
+        job = GenerationJob(model=info.id, run=run, request_id=new_request_id(),
+                            conversation=built, use_cache=use_cache)
+        return self.engine.generate(job)
+
+    @staticmethod
+    def _chat_transforms(info, enable_thinking: bool, tool_spec) -> list:
+        """A model that can think gets the think splitter even with thinking off:
+        such models may still print an empty <think></think> pair."""
+        transforms = []
+        if "thinking" in info.capabilities:
+            transforms.append(pipeline.ThinkingTransform(starts_inside=enable_thinking))
+        if tool_spec is not None and tool_spec.choice != "none":
+            transforms.append(pipeline.ToolCallTransform(tool_spec))
+        return transforms
+
+    @staticmethod
+    def _reply(info, generation, stops: tuple, transforms: list, legacy: bool = False) -> Reply:
+        stages = ([pipeline.StopSequenceFilter(stops, generation.cancel)] if stops else [])
+        events = pipeline.run_pipeline(pipeline.runtime_events(generation), stages + transforms)
+        return Reply(generation.model.id, system_fingerprint(info), events, generation, legacy)
+
+    @staticmethod
+    def _canned(info, content: str, reasoning: str, usage: pipeline.Usage) -> Reply:
+        return Reply(info.id, system_fingerprint(info),
+                     pipeline.canned_events(content, reasoning, usage))
+
+
+def estimated_usage(messages, answer: str) -> pipeline.Usage:
+    """Token counts of a reply the model did not write: the project's estimate."""
+    prompt_text = "\n".join(m.text for m in messages)
+    return pipeline.Usage(prompts.estimate_tokens(prompt_text), prompts.estimate_tokens(answer))
+
+
+def new_request_id() -> str:
+    return f"req-{uuid.uuid4().hex[:24]}"

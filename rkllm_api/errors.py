@@ -1,0 +1,81 @@
+"""Refusals in one wire-independent form, and the one table that turns what the
+engine, the prompt builder and the cache files refuse with into them.
+
+A surface renders an ApiError in its own format (OpenAI: {"error": {...}}; Ollama:
+{"error": "..."}); api.py registers a single handler that looks the exception up
+here, so no route catches engine errors itself.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from rkllm_api.engine.errors import (CacheNotFound, EngineError, ModelLoadFailed, ModelNotFound,
+                                     QueueFull, QueueTimeout)
+from rkllm_api.engine.kvcache import CacheNameError
+from rkllm_api.text.prompts import PromptTooLong
+
+
+class RequestError(Exception):
+    """A request the server refuses: HTTP status plus the fields OpenAI's error
+    object has (type, param, code); other surfaces use what they need."""
+
+    def __init__(self, message: str, *, status: int = 400, param: Optional[str] = None,
+                 type: Optional[str] = None, code: Optional[str] = None,
+                 headers: Optional[dict] = None):
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.param = param
+        self.type = type or ("invalid_request_error" if status < 500 else "server_error")
+        self.code = code
+        self.headers = headers or {}
+
+
+def model_not_found(model: str, known: tuple = ()) -> RequestError:
+    message = f"The model '{model}' does not exist"
+    if known:
+        message += f"; available: {', '.join(known)}"
+    return RequestError(message, status=404, param="model", code="model_not_found")
+
+
+def server_busy(message: str, retry_after: int) -> RequestError:
+    return RequestError(message or "the server is busy, try again later", status=503,
+                        code="server_busy",
+                        headers={"Retry-After": str(max(1, int(retry_after)))})
+
+
+def runtime_failure(message: str) -> RequestError:
+    return RequestError(message, status=500, code="runtime_error")
+
+
+def cache_not_found(message: str) -> RequestError:
+    return RequestError(message, status=404, param="use_cache", code="cache_not_found")
+
+
+def _busy(exc) -> RequestError:
+    return server_busy(str(exc), getattr(exc, "retry_after", 5))
+
+
+# Most specific first: the first class the exception is an instance of wins.
+ERROR_TABLE = (
+    (ModelNotFound, lambda exc: model_not_found(exc.model)),
+    (CacheNotFound, lambda exc: cache_not_found(str(exc))),
+    ((QueueFull, QueueTimeout), _busy),
+    (ModelLoadFailed, lambda exc: runtime_failure(f"the model could not be loaded: {exc.message}")),
+    (EngineError, lambda exc: runtime_failure(str(exc))),
+    (PromptTooLong, lambda exc: RequestError(str(exc), param=exc.param,
+                                             code="context_length_exceeded")),
+    (CacheNameError, lambda exc: RequestError(str(exc), param="name")),
+)
+MAPPED_ERRORS = tuple(kind for kinds, _ in ERROR_TABLE
+                      for kind in (kinds if isinstance(kinds, tuple) else (kinds,)))
+
+
+def as_request_error(exc: Exception) -> RequestError:
+    """The refusal an exception stands for (a RequestError is its own)."""
+    if isinstance(exc, RequestError):
+        return exc
+    for kinds, make in ERROR_TABLE:
+        if isinstance(exc, kinds):
+            return make(exc)
+    raise TypeError(f"no entry in the error table for {type(exc).__name__}")

@@ -1,0 +1,139 @@
+"""The typed request every surface parses its body into, once.
+
+A surface (OpenAI today, Ollama next) validates its wire format and builds these
+objects; from then on nobody reads the raw body. Content is typed parts (text,
+image), so "the text of a message" and "the images of a message" are answered in
+exactly one place (Message.text, Message.images).
+
+Roles are normalised here: "developer" is a system message, "function" (the legacy
+OpenAI name) a tool result.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field, replace
+from typing import Optional, Union
+
+from rkllm_api.runtimes.base import SamplingParams
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+@dataclass(frozen=True)
+class TextPart:
+    text: str
+
+
+@dataclass(frozen=True)
+class ImagePart:
+    url: str               # a data: URL (what Open WebUI sends) or an http(s) URL
+    detail: str = "auto"
+
+    @property
+    def digest(self) -> str:
+        """Identifies the image in KV keys without keeping its bytes."""
+        return hashlib.sha1(self.url.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+ContentPart = Union[TextPart, ImagePart]
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A call the assistant made, as history: arguments are JSON text."""
+    name: str
+    arguments: str = ""
+    id: str = ""
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str                               # one of ROLES
+    parts: tuple = ()                       # ContentPart, in order
+    tool_calls: tuple = ()                  # ToolCall (assistant)
+    tool_call_id: str = ""                  # tool: the call this result answers
+    name: str = ""                          # tool: the function; others: the author
+
+    @property
+    def text(self) -> str:
+        return "\n".join(p.text for p in self.parts if type(p) is TextPart)
+
+    @property
+    def images(self) -> tuple:
+        return tuple(p for p in self.parts if type(p) is ImagePart)
+
+    def with_text(self, text: str) -> "Message":
+        """The same message with its text replaced; its images stay, after the text."""
+        return replace(self, parts=(TextPart(text),) + self.images)
+
+
+def last_index(messages, role: str) -> Optional[int]:
+    """Index of the last message with this role, or None."""
+    for index in range(len(messages) - 1, -1, -1):
+        if messages[index].role == role:
+            return index
+    return None
+
+
+@dataclass(frozen=True)
+class ToolFunction:
+    name: str
+    description: str = ""
+    parameters: dict = field(default_factory=dict)
+
+    def as_openai(self) -> dict:
+        function = {"name": self.name}
+        if self.description:
+            function["description"] = self.description
+        function["parameters"] = self.parameters or {"type": "object", "properties": {}}
+        return {"type": "function", "function": function}
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    functions: tuple
+    choice: str = "auto"              # "auto" | "none" | "required" | "named"
+    forced_name: Optional[str] = None  # the function to call when choice == "named"
+    legacy: bool = False              # functions/function_call request: answer with function_call
+    parallel: bool = True             # several calls per answer allowed
+
+    @property
+    def names(self) -> tuple:
+        return tuple(f.name for f in self.functions)
+
+    def function(self, name: str) -> Optional[ToolFunction]:
+        return next((f for f in self.functions if f.name == name), None)
+
+
+@dataclass(frozen=True)
+class ResponseFormat:
+    kind: str = "text"                # "text" | "json_object" | "json_schema"
+    schema: Optional[dict] = None
+    name: str = ""
+    strict: bool = False
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    model: Optional[str]              # None: the server's default model
+    messages: tuple                   # Message
+    stream: bool = False
+    include_usage: bool = False
+    max_tokens: Optional[int] = None  # the answer budget; None: the server's default
+    stop: tuple = ()
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    tools: Optional[ToolSpec] = None
+    thinking: Optional[bool] = None   # what the request asks: True, False, None (nothing)
+    response_format: ResponseFormat = field(default_factory=ResponseFormat)
+    use_cache: str = ""               # a named prompt cache of the model to start from
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    model: Optional[str]
+    prompt: str
+    stream: bool = False
+    include_usage: bool = False
+    max_tokens: Optional[int] = None
+    stop: tuple = ()
+    sampling: SamplingParams = field(default_factory=SamplingParams)

@@ -1,0 +1,37 @@
+"""Which runtime a model file needs, and opening it.
+
+Kept apart from the runtime protocol (base.py) so that the protocol module imports
+no backend and the backends can import the protocol without a cycle.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from rkllm_api.runtimes.base import Runtime, RuntimeLoadError, SamplingParams
+
+MODEL_FILE_DEVICES = {".rkllm": "npu", ".gguf": "cpu"}
+
+
+def device_for_model_file(path: str) -> Optional[str]:
+    """The device a model file runs on, by its file type; None when unsupported."""
+    return MODEL_FILE_DEVICES.get(os.path.splitext(path)[1].lower())
+
+
+def open_runtime(model_path: str, *, context_length: int, settings=None,
+                 default_sampling: Optional[SamplingParams] = None) -> Runtime:
+    """Create the runtime a model file needs. Imports its backend lazily so a
+    CPU-only machine never needs librkllmrt and an NPU board never needs llama.cpp.
+    default_sampling: the model's defaults (sampling.model_defaults), used for every
+    field a request leaves unset (librkllmrt takes them at init)."""
+    device = device_for_model_file(model_path)
+    if device == "npu":
+        from rkllm_ctypes import RKLLMRuntime
+        return RKLLMRuntime(model_path, context_length=context_length, settings=settings,
+                            init_sampling=default_sampling)
+    if device == "cpu":
+        from rkllm_api.runtimes.llamacpp import LlamaCppRuntime
+        return LlamaCppRuntime(model_path, context_length=context_length, settings=settings,
+                               default_sampling=default_sampling)
+    raise RuntimeLoadError(f"unsupported model file type: {model_path} "
+                        f"(expected one of {', '.join(MODEL_FILE_DEVICES)})")
