@@ -4,7 +4,7 @@ import os
 import re
 from dataclasses import fields
 
-from config import Settings
+from rkllm_api.config import Settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,6 +30,6 @@ def test_documented_variables_exist():
 
 def test_ci_runs_the_readme_test_command():
     readme = read("README.md")
-    command = "./install.sh && .venv/bin/python -m pytest -q tests"
+    command = "./setup.sh --test && .venv/bin/python -m pytest -q tests"
     assert command in readme
     assert command in read(".ci/run")
