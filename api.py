@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import logging.handlers
 import os
 import signal
 import sys
@@ -21,19 +20,22 @@ import threading
 from typing import Optional
 
 from flask import Flask, jsonify, request
-from flask_cors import CORS
 from werkzeug.exceptions import HTTPException
 
+from rkllm_api import cli
 from rkllm_api.chat import SERVER_VERSION
-from rkllm_api.config import Settings
+from rkllm_api.config import Settings, SettingsError
 from rkllm_api.errors import MAPPED_ERRORS, RequestError, as_request_error
+from rkllm_api.logs import configure_logging
+from rkllm_api.ollama import protocol as ollama_protocol
 from rkllm_api.openai import protocol as openai_protocol
 from rkllm_api.server import APP_EXTENSION, Server
 
 log = logging.getLogger(__name__)
 
 # How each surface writes a refusal; a blueprint not listed speaks OpenAI's format.
-ERROR_RENDERERS = {"openai": openai_protocol.error_of}
+ERROR_RENDERERS = {"openai": openai_protocol.error_of, "ollama": ollama_protocol.error_of,
+                   "ollama_pull": ollama_protocol.error_of}
 DEFAULT_ERROR_RENDERER = openai_protocol.error_of
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
@@ -42,6 +44,19 @@ _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_la
 def render_error(error: RequestError):
     render = ERROR_RENDERERS.get(request.blueprint or "", DEFAULT_ERROR_RENDERER)
     return jsonify(render(error)), error.status, error.headers
+
+
+def error_payload(app: Flask, method: str, path: str, error: RequestError) -> dict:
+    """The error body for a request refused outside Flask (the worker's read layer,
+    gunicorn's parser), in the format of the surface whose route the path matches."""
+    blueprint = ""
+    try:
+        if path.startswith("/"):
+            endpoint, _ = app.url_map.bind("localhost").match(path, method=method or "GET")
+            blueprint = endpoint.rpartition(".")[0]
+    except Exception:   # no route, another method, a redirect: the default format
+        pass
+    return ERROR_RENDERERS.get(blueprint, DEFAULT_ERROR_RENDERER)(error)
 
 
 def register_error_handlers(app: Flask) -> None:
@@ -75,55 +90,68 @@ def register_error_handlers(app: Flask) -> None:
 
 
 def create_app(settings: Optional[Settings] = None, *, registry=None, engine=None) -> Flask:
-    from rkllm_api import management, status
+    from rkllm_api import logs, management, metrics, page, pull, security, status
     from rkllm_api.engine.manager import Engine
     from rkllm_api.models.registry import Registry
+    from rkllm_api.ollama import routes as ollama_routes
     from rkllm_api.openai import routes as openai_routes
 
     settings = settings or Settings.from_env()
-    configure_logging(settings)
+    # systemd names the journal's stream in JOURNAL_STREAM: then stderr is the only log.
+    log_file = configure_logging(settings, journal_stream=os.environ.get("JOURNAL_STREAM"))
+    gate = security.Gate.from_settings(settings)   # refuses bad keys/origins before any work
     registry = registry or Registry(settings)
+    observer = metrics.create_observer()   # None without Prometheus: no /metrics
     if engine is None:
-        engine = Engine(settings, registry)
+        engine = Engine(settings, registry, observer=observer)
         engine.start()
+    elif observer is not None:
+        engine.observer = observer
     app = Flask("rkllm-api")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.json.sort_keys = False
     app.json.ensure_ascii = False
-    app.extensions[APP_EXTENSION] = Server(settings, registry, engine)
-    CORS(app)
+    server = Server(settings, registry, engine)
+    app.extensions[APP_EXTENSION] = server
+    logs.install_access_log(app)  # first: its clock starts before the key check
+    security.install(app, gate)   # keys and origins, checked before every route
     register_error_handlers(app)
+    metrics.install(app, observer, engine, settings.system_root)
     for blueprint in (openai_routes.blueprint, management.blueprint, status.blueprint):
         app.register_blueprint(blueprint)
-    log.info("rkllm-api %s ready: models root %s", SERVER_VERSION, settings.models_root_path)
+    pull.register(app, settings)   # before Ollama's blueprint: its /api/pull wins
+    app.register_blueprint(page.blueprint)   # / for browsers; Ollama's answer otherwise
+    app.register_blueprint(ollama_routes.blueprint)
+    register_embedding_surfaces(app)
+    server.checks = startup_checks(settings, registry)
+    log.info("rkllm-api %s ready on %s:%d, log file %s", SERVER_VERSION, settings.host,
+             settings.port, log_file or "none (stderr only)")
     return app
+
+
+def startup_checks(settings: Settings, registry):
+    """Scan the models and run doctor's checks once, into the log; never fatal (a
+    machine without an NPU still serves CPU models). Returns doctor's report."""
+    from rkllm_api import doctor
+    try:
+        report = doctor.run_doctor(settings, root=settings.system_root, registry=registry)
+    except Exception:
+        log.exception("the startup checks failed; serving anyway")
+        return None
+    doctor.log_summary(report, log)
+    return report
+
+
+def register_embedding_surfaces(app: Flask) -> None:
+    """/v1/embeddings (OpenAI) and /v1/rerank (Jina / Cohere)."""
+    from rkllm_api import rerank
+    from rkllm_api.openai import embeddings
+    app.register_blueprint(embeddings.blueprint)
+    app.register_blueprint(rerank.blueprint)
 
 
 def server_of(app: Flask) -> Server:
     return app.extensions[APP_EXTENSION]
-
-
-_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-
-
-def configure_logging(settings: Settings) -> None:
-    """stderr plus, when settings.log_file is set, a rotating file (10 MB x 3).
-    Replaces the handlers an earlier create_app installed, never others'."""
-    root = logging.getLogger()
-    for handler in [h for h in root.handlers if getattr(h, "rkllm_api", False)]:
-        root.removeHandler(handler)
-        handler.close()
-    handlers = [logging.StreamHandler(sys.stderr)]
-    if settings.log_file:
-        path = os.path.expanduser(settings.log_file)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        handlers.append(logging.handlers.RotatingFileHandler(
-            path, maxBytes=10 * 1024 * 1024, backupCount=3, encoding="utf-8"))
-    for handler in handlers:
-        handler.rkllm_api = True
-        handler.setFormatter(logging.Formatter(_LOG_FORMAT))
-        root.addHandler(handler)
-    root.setLevel(settings.log_level.upper())
 
 
 # ----------------------------------------------------------------------------
@@ -131,41 +159,46 @@ def configure_logging(settings: Settings) -> None:
 
 
 def on_worker_started(worker) -> None:
-    """post_worker_init: on SIGTERM, abort generations at once so the streams end
-    and the worker can exit well inside the graceful timeout."""
+    """post_worker_init: SIGTERM, SIGINT (Ctrl-C reaches the whole process group) and
+    SIGQUIT (what gunicorn's master sends on SIGINT) all stop the worker the same way:
+    new work is refused, running generations are aborted and their streams end at
+    once, and the worker exits well inside the graceful timeout. gunicorn's own
+    SIGINT/SIGQUIT handler would exit at once, leaving a stream waiting for a prefill
+    that cannot be aborted until the master's SIGKILL."""
     server = server_of(worker.wsgi)
     stop_worker = worker.handle_exit
 
-    def handle_sigterm(sig, frame):
+    def handle_stop(sig, frame):
         server.shutting_down = True
         threading.Thread(target=server.shut_down, name="rkllm-shutdown", daemon=True).start()
         stop_worker(sig, frame)
 
-    worker.handle_exit = handle_sigterm
-    signal.signal(signal.SIGTERM, handle_sigterm)
+    worker.handle_exit = handle_stop
+    for stop_signal in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+        signal.signal(stop_signal, handle_stop)
 
 
 def on_worker_exit(worker) -> None:
-    """worker_exit: free the runtimes (again a no-op after a SIGTERM shutdown)."""
+    """worker_exit: free the runtimes (again a no-op after a signal's shutdown). When a
+    runtime is still inside a call it cannot leave (a prefill), the process ends now:
+    interpreter teardown would otherwise run alongside that C thread."""
     wsgi = getattr(worker, "wsgi", None)
     if isinstance(wsgi, Flask) and APP_EXTENSION in wsgi.extensions:
-        server_of(wsgi).shut_down()
+        server = server_of(wsgi)
+        server.shut_down()
+        if server.runtime_left_running:
+            log.warning("worker exits with a runtime call still running; ending it with "
+                        "the process")
+            logging.shutdown()
+            os._exit(0)
 
 
 # main() hands its options to create_app() in the worker through these variables.
-_OPTION_ENV = {"host": "RKLLM_API_HOST", "port": "RKLLM_API_PORT",
-               "models_root": "RKLLM_MODELS_ROOT", "threads": "RKLLM_API_THREADS"}
+_OPTION_ENV = cli.OPTION_ENV
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="rkllm-api", description="OpenAI-compatible LLM server for Rockchip NPU boards")
-    parser.add_argument("--host", help="address to bind (default 127.0.0.1; "
-                                       "use 0.0.0.0 to serve the network)")
-    parser.add_argument("--port", type=int, help="port (default 8000)")
-    parser.add_argument("--models-root", help="folder holding one sub-folder per model")
-    parser.add_argument("--threads", type=int, help="request threads (default 8)")
-    return parser.parse_args(argv)
+    return cli.build_parser(SERVER_VERSION).parse_args(argv)
 
 
 def main(argv=None) -> int:
@@ -175,13 +208,25 @@ def main(argv=None) -> int:
     if argv[:1] == ["doctor"]:
         from rkllm_api import doctor
         return doctor.main(argv[1:])
+    if argv[:1] and argv[0] in cli.CLIENT_COMMANDS:   # pull, run, ps, list, rm
+        from rkllm_api import client_cli
+        return client_cli.main(argv)
     args = parse_args(argv)
     for option, variable in _OPTION_ENV.items():
         value = getattr(args, option)
         if value is not None:
             os.environ[variable] = str(value)
+    try:
+        settings = cli.check_settings(os.environ)
+    except SettingsError as exc:
+        print(f"rkllm-api: {exc}", file=sys.stderr)
+        return 2
+    problem = cli.port_problem(settings.host, settings.port)
+    if problem:
+        print(f"rkllm-api: {problem}", file=sys.stderr)
+        return 1
     from rkllm_api import gunicorn_settings
-    options = gunicorn_settings.options()
+    options = gunicorn_settings.options(settings)
 
     class RkllmApiServer(BaseApplication):
         def load_config(self):

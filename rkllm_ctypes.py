@@ -21,18 +21,22 @@ import ctypes
 import ctypes.util
 import enum
 import logging
+import math
 import os
 import re
 import threading
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
-from rkllm_api.runtimes.base import (Capabilities, EventKind, EventSink, FinishReason, PerfStats,
-                                     RunMode, RunRequest, RunResult, RuntimeLoadError,
-                                     SamplingParams, TokenEvent)
+from rkllm_api.runtimes.base import (Capabilities, EmbeddingInputError, EventKind, EventSink,
+                                     FinishReason, PerfStats, RunMode, RunRequest, RunResult,
+                                     RuntimeLoadError, SamplingParams, TokenEvent)
 
 log = logging.getLogger(__name__)
+
+# Characters per token when no tokenizer can count (text.prompts.estimate_tokens).
+CHARS_PER_TOKEN = 3.5
 
 # =============================================================== 1. types
 
@@ -651,13 +655,14 @@ _KV_SIZE_SLOTS = 64  # rkllm_get_kv_cache_size fills one int per batch slot
 _WAITING = int(LLMCallState.WAITING)
 _FINISH = int(LLMCallState.FINISH)
 _ERROR = int(LLMCallState.ERROR)
+_RELEASE_OUTPUT = 2  # 1.3 result callback: "done with this output, release it"
 
 
 class _Run:
     """The state of one rkllm_run, read and written by the result callback."""
 
     __slots__ = ("sink", "decode", "pieces", "tokens", "limit", "count_limit", "limit_hit",
-                 "abort_requested", "abort_forwarded", "embedding_mode", "embedding",
+                 "abort_requested", "abort_forwarded", "embedding_mode", "hidden",
                  "perf", "error", "sink_error")
 
     def __init__(self, sink: EventSink, limit: int, count_limit: bool, embedding_mode: bool):
@@ -673,7 +678,7 @@ class _Run:
         self.abort_requested = False
         self.abort_forwarded = False
         self.embedding_mode = embedding_mode
-        self.embedding: Optional[list] = None
+        self.hidden = None          # embedding mode: the rows, copied out of C memory
         self.perf: Optional[PerfStats] = None
         self.error: Optional[str] = None
         self.sink_error: Optional[BaseException] = None
@@ -685,8 +690,12 @@ class RKLLMRuntime:
     device = "npu"
     # librkllmrt saves a prompt cache only during a run, after prefill: snapshots
     # are taken then (see save_kv_snapshot below).
+    # Hidden-layer runs go through the generation context: kept turns would be their
+    # context (embeddings_share_context). Token-id inputs are not taken: librkllmrt
+    # exposes no vocabulary to check ids against.
     capabilities = Capabilities(snapshots_at_prefill=True, prompt_caches=True,
-                                embeddings=True, lora=True, counts_tokens=False)
+                                embeddings=True, embeddings_share_context=True,
+                                lora=True, counts_tokens=False)
 
     def __init__(self, model_path: str, *, context_length: int, settings=None,
                  init_sampling: Optional[SamplingParams] = None, base_domain_id: int = 0):
@@ -710,6 +719,7 @@ class RKLLMRuntime:
         self._handle_lock = threading.Lock()
         self._current: Optional[_Run] = None
         self._embedding_width: Optional[int] = None
+        self._loras: dict = {}   # (adapter name, scale) -> the name librkllmrt knows it by
         self._handle = LLMHandle()
         self._init(init_sampling or SamplingParams(), base_domain_id)
 
@@ -758,8 +768,7 @@ class RKLLMRuntime:
         try:
             if state <= _WAITING:  # NORMAL or WAITING
                 if run.embedding_mode:
-                    self._take_hidden_layer(run, result)
-                    return 0
+                    return self._take_hidden_layer(run, result)
                 raw = ctypes.c_char_p.from_address(result).value
                 if raw is None:
                     return 0
@@ -778,7 +787,7 @@ class RKLLMRuntime:
                     run.limit_hit = True
                     self._api.rkllm_abort(self._handle)
             elif state == _FINISH:
-                if run.embedding_mode and run.embedding is None:
+                if run.embedding_mode and run.hidden is None:
                     self._take_hidden_layer(run, result)
                 perf = RKLLMResult.from_address(result).perf
                 run.perf = PerfStats(prefill_ms=perf.prefill_time_ms,
@@ -811,15 +820,18 @@ class RKLLMRuntime:
             run.abort_forwarded = True
             self._api.rkllm_abort(self._handle)
 
-    @staticmethod
-    def _take_hidden_layer(run: _Run, result: int) -> None:
+    def _take_hidden_layer(self, run: _Run, result: int) -> int:
+        """Copy the hidden layer out of C memory. The callback's answer: on 1.3, 2
+        tells librkllmrt to release its output buffer (without it, hidden-layer runs
+        leak: rknn-llm issue 504); 1.2 has no such answer (there 1 would pause)."""
         layer = RKLLMResult.from_address(result).last_hidden_layer
         if not layer.hidden_states or layer.embd_size <= 0 or layer.num_tokens <= 0:
-            return
+            return 0
         import numpy  # only embeddings need it
         rows = numpy.ctypeslib.as_array(layer.hidden_states,
                                         shape=(layer.num_tokens, layer.embd_size))
-        run.embedding = rows.mean(axis=0, dtype=numpy.float64).tolist()  # copies out of C memory
+        run.hidden = rows.astype(numpy.float32, copy=True)
+        return _RELEASE_OUTPUT if self.abi == "1.3" else 0
 
     # --- running
 
@@ -868,7 +880,9 @@ class RKLLMRuntime:
             infer.mode = RKLLMInferMode.GENERATE
             infer.keep_history = 1 if request.keep_history else 0
         if request.lora_adapter:
-            lora = RKLLMLoraParam(lora_adapter_name=request.lora_adapter.encode("utf-8"))
+            name = self._loras.get((request.lora_adapter, float(request.lora_scale)),
+                                   request.lora_adapter)
+            lora = RKLLMLoraParam(lora_adapter_name=name.encode("utf-8"))
             keep_alive.append(lora)
             infer.lora_params = ctypes.pointer(lora)
         if request.prompt_cache_save_path:
@@ -934,7 +948,7 @@ class RKLLMRuntime:
             reason = FinishReason.STOP
         self._deliver(run, TokenEvent(EventKind.FINISH, perf=perf, finish_reason=reason))
         return RunResult(text, reason, perf, unapplied_sampling=unapplied,
-                         embedding=run.embedding)
+                         hidden_states=run.hidden)
 
     @staticmethod
     def _deliver(run: _Run, event: TokenEvent) -> None:
@@ -957,21 +971,48 @@ class RKLLMRuntime:
 
     # --- embeddings
 
-    def embed(self, text: str) -> list:
-        """The last hidden layer of text, mean-pooled over its tokens."""
+    def hidden_states(self, inputs: Sequence, truncate: bool = False) -> list:
+        """The last hidden layer of each text: one GET_LAST_HIDDEN_LAYER run per input
+        (keep_history=0). librkllmrt has no tokenizer to measure an input with, so
+        the length check uses the project's estimate; what still does not fit fails
+        in the library."""
+        found = []
+        for index, text in enumerate(inputs):
+            found.append(self._hidden_rows(self._embedding_text(text, index, truncate)))
+        return found
+
+    def _embedding_text(self, text, index: int, truncate: bool) -> str:
+        if not isinstance(text, str):
+            raise EmbeddingInputError("the NPU runtime embeds text only, not token ids", index)
+        if not text:
+            raise EmbeddingInputError("an input is an empty string", index)
+        estimated = math.ceil(len(text) / CHARS_PER_TOKEN)
+        if estimated > self.context_length:
+            if not truncate:
+                raise EmbeddingInputError(
+                    f"an input has about {estimated} tokens; this model takes "
+                    f"{self.context_length}", index, too_long=True, tokens=estimated,
+                    limit=self.context_length)
+            text = text[:int(self.context_length * CHARS_PER_TOKEN)]
+        return text
+
+    def _hidden_rows(self, text: str):
         result = self.run(RunRequest(prompt=text, mode=RunMode.EMBED), _ignore_event)
-        if result.error or result.embedding is None:
-            raise RuntimeError(f"embedding failed: {result.error or 'no hidden layer returned'}")
-        self._embedding_width = len(result.embedding)
-        return result.embedding
+        if result.error or result.hidden_states is None:
+            raise RuntimeError(result.error or "no hidden layer returned")
+        self._embedding_width = int(result.hidden_states.shape[1])
+        return result.hidden_states
 
     @property
     def embedding_width(self) -> int:
-        """Width of the hidden layer; the runtime does not tell it up front, so the
-        first call embeds a probe word."""
-        if self._embedding_width is None:
-            self.embed("width")
-        return self._embedding_width
+        """Width of the hidden layer; librkllmrt does not tell it up front, so it is
+        known once a hidden-layer run has returned (0 before). No probe run here:
+        isinstance() checks of the runtime protocol read this property."""
+        return self._embedding_width or 0
+
+    @property
+    def embedding_pooling(self) -> Optional[str]:
+        return None   # a .rkllm file declares none
 
     # --- KV cache and prompt caches
 
@@ -1029,12 +1070,21 @@ class RKLLMRuntime:
     # --- model-level settings
 
     def load_lora(self, path: str, name: str, scale: float = 1.0) -> None:
+        """rkllm_load_lora once per adapter and scale: librkllmrt fixes the scale at
+        load, so the same adapter at another scale is loaded again under the name
+        `<name>@<scale>` (runs name the adapter and scale; see _build_infer_param)."""
+        key = (name, float(scale))
+        if key in self._loras:
+            return
+        known = {loaded for loaded, _ in self._loras}
+        internal = name if name not in known else f"{name}@{float(scale):g}"
         adapter = RKLLMLoraAdapter(lora_adapter_path=os.fsencode(path),
-                                   lora_adapter_name=name.encode("utf-8"), scale=scale)
+                                   lora_adapter_name=internal.encode("utf-8"), scale=scale)
         with self._idle("load a LoRA adapter"):
             status = self._api.rkllm_load_lora(self._handle, ctypes.byref(adapter))
         if status != 0:
             raise RuntimeLoadError(f"rkllm_load_lora failed (code {status}) for {path}")
+        self._loras[key] = internal
 
     def set_chat_template(self, system_prompt: str, prompt_prefix: str,
                           prompt_postfix: str) -> None:

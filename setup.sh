@@ -4,7 +4,8 @@
 #   ./setup.sh                   server, CPU runtime (llama-cpp-python, built from
 #                                source) and the demo model SmolLM2-135M into ./.venv
 #   ./setup.sh --test            the same plus the test tools; as root it also installs
-#                                the Debian packages the tests use (systemd-analyze)
+#                                the Debian packages the tests use (systemd-analyze,
+#                                chromium and chromium-driver)
 #   sudo ./setup.sh --service    system user rkllm-api, /etc/rkllm-api/rkllm-api.env and
 #                                rkllm-api.service (enabled and started)
 #   sudo ./setup.sh --governor   (opt-in) a unit setting the NPU/CPU frequency
@@ -115,8 +116,9 @@ install_venv() {
     say "venv: ready (.venv with .[$extras] and the demo model)"
 }
 
-# Debian packages the test suite uses, as package:command pairs.
-TEST_PACKAGES="systemd:systemd-analyze"
+# Debian packages the test suite uses, as package:command pairs: systemd-analyze checks
+# the units; chromium and its driver run the page at / in tests/test_page.py.
+TEST_PACKAGES="systemd:systemd-analyze chromium:chromium chromium-driver:chromedriver"
 
 install_test_packages() {
     local pair package command

@@ -4,11 +4,13 @@ Prints, side by side in one run:
   - direct:  tokens/s of the double through the ctypes binding alone (RKLLMRuntime.run)
   - http:    tokens/s a streaming HTTP client receives from a real gunicorn server
              answering the same full-speed script (@@count:N@@)
-  - their ratio (the share of the runtime's rate the server delivers), and
-  - request-to-first-byte time (request sent -> response headers and role chunk).
+  - their ratio (the share of the runtime's rate the server delivers),
+  - request-to-first-byte time of a short streamed chat (request sent on a new
+    connection -> response headers and role chunk; median of --first-byte-runs), and
+  - the same round trip for GET /ready: the HTTP floor of this machine.
 
 Starts its own server on 127.0.0.1 (a free port) and always stops it.
-Usage: .venv/bin/python bench/server_bench.py [--tokens 3000] [--runs 3]
+Usage: .venv/bin/python bench/server_bench.py [--tokens 3000] [--runs 3] [--first-byte-runs 40]
 """
 from __future__ import annotations
 
@@ -78,10 +80,23 @@ def http_stream(port: int, tokens: int) -> tuple:
     return received / elapsed, first_byte, received
 
 
+def ready_round_trip(port: int) -> float:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        started = time.perf_counter()
+        connection.request("GET", "/ready")
+        response = connection.getresponse()
+        response.read()
+        return time.perf_counter() - started
+    finally:
+        connection.close()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=3000)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--first-byte-runs", type=int, default=40)
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="server-bench-") as tmp:
@@ -94,16 +109,21 @@ def main() -> int:
                                       f"{NPU_MODEL_ID}.rkllm")
             http_stream(server.port, 10)  # load the model before measuring
             results = [http_stream(server.port, args.tokens) for _ in range(args.runs)]
+            first_bytes = [http_stream(server.port, 10)[1] for _ in range(args.first_byte_runs)]
+            floors = [ready_round_trip(server.port) for _ in range(args.first_byte_runs)]
         finally:
             servers.stop_all()
         direct = direct_rate(libs[ABI], model_file, args.tokens, args.runs)
 
     http_rate = statistics.median(r[0] for r in results)
-    first_byte_ms = statistics.median(r[1] for r in results) * 1000
-    print(f"tokens per run: {args.tokens}, runs: {args.runs} (medians)")
+    first_byte_ms = statistics.median(first_bytes) * 1000
+    floor_ms = statistics.median(floors) * 1000
+    print(f"tokens per run: {args.tokens}, runs: {args.runs}; first byte: "
+          f"{args.first_byte_runs} short chats (medians)")
     print(f"{'direct binding (tok/s)':<28}{'HTTP stream (tok/s)':<24}{'HTTP / direct':<16}"
-          f"{'first byte (ms)':<16}")
-    print(f"{direct:<28.0f}{http_rate:<24.0f}{http_rate / direct:<16.3f}{first_byte_ms:<16.1f}")
+          f"{'first byte (ms)':<18}{'GET /ready (ms)':<16}")
+    print(f"{direct:<28.0f}{http_rate:<24.0f}{http_rate / direct:<16.3f}{first_byte_ms:<18.1f}"
+          f"{floor_ms:<16.1f}")
     if any(r[2] != args.tokens for r in results):
         print(f"warning: token counts received {[r[2] for r in results]}", file=sys.stderr)
     return 0

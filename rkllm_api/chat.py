@@ -23,17 +23,22 @@ from typing import Iterator, Optional
 
 import rag
 from rkllm_api import pipeline
+from rkllm_api.models import adapters
 from rkllm_api.engine.generation import GenerationJob
+from rkllm_api.engine.errors import AdapterNotFound
 from rkllm_api.engine.kvcache import CacheNameError
 from rkllm_api.errors import RequestError, model_not_found
-from rkllm_api.request import ChatRequest, CompletionRequest, last_index
+from rkllm_api.request import ChatRequest, CompletionRequest, Message, TextPart, last_index
 from rkllm_api.runtimes.base import RunRequest
+from rkllm_api.structured import answer as structured_answer
+from rkllm_api.structured import schema as structured_schema
 from rkllm_api.text import clients, prompts, thinking, tools
 
 SERVER_VERSION = "0.1.0"
 UNAPPLIED_SAMPLING_HEADER = "X-RKLLM-Sampling-Unapplied"
 PREFILL_TOKENS_HEADER = "X-RKLLM-Prefill-Tokens"
 KV_MODE_HEADER = "X-RKLLM-KV"
+CACHE_DROPPED_HEADER = "X-RKLLM-Cache-Dropped"   # a damaged named cache: removed, not used
 
 
 @dataclass
@@ -69,6 +74,8 @@ class Reply:
         if generation.prefilled_tokens is not None:
             headers[PREFILL_TOKENS_HEADER] = str(generation.prefilled_tokens)
             headers[KV_MODE_HEADER] = str(generation.kv_mode or "-")
+        if generation.cache_dropped:
+            headers[CACHE_DROPPED_HEADER] = generation.cache_dropped
         return headers
 
 
@@ -112,8 +119,35 @@ class ChatService:
     def resolve_model(self, name: Optional[str]):
         info = self.registry.resolve(name) if name else self.registry.default_model()
         if info is None:
-            raise model_not_found(name or "(default)")
+            raise model_not_found(name or "(default)", tuple(self.registry.ids()))
         return info
+
+    def resolve_model_and_adapter(self, name: Optional[str], lora=None) -> tuple:
+        """(ModelInfo, (adapter name, scale) or None): the model, and the LoRA adapter
+        the request picks by a `<model>:<adapter>` id or by its `lora` field
+        (request.LoraChoice). An id whose adapter the model lacks is an unknown model
+        (404 model_not_found); a `lora` the model lacks is 404 adapter_not_found."""
+        picked = None
+        info = self.registry.resolve(name) if name else None
+        if name and info is None:
+            base, suffix = adapters.split_id(name)
+            base_info = self.registry.resolve(base) if suffix else None
+            picked = adapters.find(base_info, suffix) if base_info is not None else None
+            if picked is None:
+                raise model_not_found(name, tuple(self.registry.ids()))
+            info = base_info
+        info = info or self.resolve_model(name)
+        scale = picked.scale if picked is not None else None
+        if lora is not None:
+            chosen = adapters.find(info, lora.name)
+            if chosen is None:
+                raise AdapterNotFound(info.id, lora.name, tuple(a.name for a in adapters.of(info)))
+            if picked is not None and chosen.name != picked.name:
+                raise RequestError(f"the model id names the adapter {picked.name!r} but 'lora' "
+                                   f"names {chosen.name!r}", param="lora")
+            picked = chosen
+            scale = lora.scale if lora.scale is not None else chosen.scale
+        return info, (None if picked is None else (picked.name, scale))
 
     @property
     def rag_cache(self):
@@ -125,16 +159,25 @@ class ChatService:
 
     # -- chat ---------------------------------------------------------------------
 
-    def chat(self, req: ChatRequest) -> Reply:
-        info = self.resolve_model(req.model)
+    def chat(self, req: ChatRequest, caller=None) -> Reply:
+        """caller: the surface's responses.Caller (arrival number, disconnect probe)."""
+        info, adapter = self.resolve_model_and_adapter(req.model, req.lora)
         self._check_vision(req, info)
         task = clients.classify(req.messages, req.tools)
+        # Structured output (the request's format, or the JSON an Open WebUI task
+        # needs) wins over tools and thinking: the answer is that JSON and only that.
+        contract = self._output_contract(req, task)
         instant = self._instant_reply(req, info, task)
         if instant is not None:
             return instant
-        enable_thinking, messages = self._decide_thinking(req, info, task.thinking_off)
-        tools_prompt = tools.render_tools_prompt(req.tools)
+        enable_thinking, messages = self._decide_thinking(
+            req, info, task.thinking_off or contract is not None)
+        tool_spec = req.tools if contract is None else None
+        tools_prompt = (tools.render_tools_prompt(tool_spec) if contract is None
+                        else contract.instruction())
         retrieval = self._plan_retrieval(req, messages, info)
+        if contract is not None:   # the RAG cache holds answers nobody validated
+            retrieval = replace(retrieval, cache_key=None)
         cached = self._cached_reply(info, retrieval)
         if cached is not None:
             return cached
@@ -148,26 +191,74 @@ class ChatService:
         run = RunRequest(prompt=built.text, enable_thinking=enable_thinking,
                          keep_history=not built.standalone,
                          max_new_tokens=self._answer_budget(req.max_tokens, task),
-                         sampling=req.sampling)
-        generation = self._start(info, run, built, req.use_cache)
-        transforms = self._chat_transforms(info, enable_thinking, req.tools)
+                         sampling=req.sampling,
+                         response_schema=contract.grammar_text if contract else None)
+        run = with_adapter(run, adapter, req.use_cache)
+        generation = self._start(info, run, built, req.use_cache, caller)
+        transforms = self._chat_transforms(info, enable_thinking, tool_spec)
         transforms.append(pipeline.CommitAnswer(generation))
         if retrieval.cache_key is not None:
             transforms.append(pipeline.CacheAnswer(self.rag_cache, retrieval.cache_key,
                                                    generation))
-        return self._reply(info, generation, req.stop, transforms,
-                           legacy=bool(req.tools and req.tools.legacy))
+        reply = self._reply(info, generation, req.stop, transforms,
+                            legacy=bool(tool_spec and tool_spec.legacy))
+        if adapter is not None:   # answer under the id the client can list and pick
+            reply.model_id = adapters.adapter_id(info.id, adapter[0])
+        if contract is not None:
+            self._validate(reply, contract, req, info, retrieval.messages, run)
+        return reply
 
-    def complete(self, req: CompletionRequest) -> Reply:
-        info = self.resolve_model(req.model)
+    # -- structured output ---------------------------------------------------------
+
+    @staticmethod
+    def _output_contract(req: ChatRequest, task):
+        """What the answer must be: the request's response format (400 for a schema
+        the server cannot enforce), else the JSON the Open WebUI task reads back, so
+        that even a small free-running model's answer parses."""
+        fmt = req.response_format
+        contract = structured_schema.contract_for(fmt, fmt.source)
+        if contract is not None or not task.background:
+            return contract
+        schema = clients.reply_schema(task)
+        if schema is None:
+            return None
+        chars, items = clients.reply_caps(task.kind)
+        return structured_schema.OutputContract(
+            schema, grammar_schema=structured_schema.capped_schema(schema, chars, items),
+            fallback=clients.fallback_reply(task), name=task.kind)
+
+    def _validate(self, reply: Reply, contract, req: ChatRequest, info, messages: tuple,
+                  run: RunRequest) -> None:
+        """Make the reply's events the validated answer (structured/answer.py), with a
+        retry that shows the model its rejected answer and what was wrong with it."""
+        def retry(bad_answer: str, error: str):
+            turn = messages + (Message("assistant", (TextPart(bad_answer),)),
+                               Message("user", (TextPart(contract.retry_request(error)),)))
+            built = replace(self._build_chat_prompt(turn, req, info, contract.instruction()),
+                            standalone=True)
+            generation = self._start(info, replace(run, prompt=built.text, keep_history=False),
+                                     built, "")
+            reply.generation = generation
+            return self._events(generation, req.stop,
+                                self._chat_transforms(info, run.enable_thinking, None))
+
+        live = (req.stream and contract.fallback is None
+                and reply.generation.constrains_output)
+        reply.events = structured_answer.validated_answer(contract, reply.events, retry, live)
+
+    def complete(self, req: CompletionRequest, caller=None) -> Reply:
+        info, adapter = self.resolve_model_and_adapter(req.model, req.lora)
         built = self.prompt_builder.build_completion(
-            req.prompt, context_length=info.context_length,
+            req.prompt, context_length=prompt_window(info, req.context_length),
             max_new_tokens=req.max_tokens or self.settings.default_max_tokens)
         run = RunRequest(prompt=built.text, enable_thinking=False, keep_history=False,
                          max_new_tokens=req.max_tokens or self.settings.default_max_tokens,
                          sampling=req.sampling)
-        generation = self._start(info, run, built, "")
-        return self._reply(info, generation, req.stop, [])
+        generation = self._start(info, with_adapter(run, adapter, ""), built, "", caller)
+        reply = self._reply(info, generation, req.stop, [])
+        if adapter is not None:
+            reply.model_id = adapters.adapter_id(info.id, adapter[0])
+        return reply
 
     # -- steps --------------------------------------------------------------------
 
@@ -232,7 +323,8 @@ class ChatService:
 
     def _build_chat_prompt(self, messages: tuple, req: ChatRequest, info, tools_prompt: str):
         return self.prompt_builder.build_chat(
-            messages, context_length=info.context_length, tools_prompt=tools_prompt,
+            messages, context_length=prompt_window(info, req.context_length),
+            tools_prompt=tools_prompt,
             max_new_tokens=req.max_tokens or self.settings.default_max_tokens)
 
     def _answer_budget(self, wanted: Optional[int], task) -> int:
@@ -242,7 +334,7 @@ class ChatService:
         budget = clients.task_budget(task.kind)
         return min(wanted, budget) if budget else wanted
 
-    def _start(self, info, run: RunRequest, built, use_cache: str):
+    def _start(self, info, run: RunRequest, built, use_cache: str, caller=None):
         if use_cache:
             # Checked now, so a bad or unknown name is a 400/404 before the run.
             try:
@@ -250,7 +342,9 @@ class ChatService:
             except CacheNameError as exc:
                 raise RequestError(str(exc), param="use_cache") from None
         job = GenerationJob(model=info.id, run=run, request_id=new_request_id(),
-                            conversation=built, use_cache=use_cache)
+                            conversation=built, use_cache=use_cache,
+                            arrival=getattr(caller, "arrival", None),
+                            client_gone=getattr(caller, "gone", None))
         return self.engine.generate(job)
 
     @staticmethod
@@ -264,16 +358,40 @@ class ChatService:
             transforms.append(pipeline.ToolCallTransform(tool_spec))
         return transforms
 
+    @classmethod
+    def _reply(cls, info, generation, stops: tuple, transforms: list,
+               legacy: bool = False) -> Reply:
+        return Reply(generation.model.id, system_fingerprint(info),
+                     cls._events(generation, stops, transforms), generation, legacy)
+
     @staticmethod
-    def _reply(info, generation, stops: tuple, transforms: list, legacy: bool = False) -> Reply:
+    def _events(generation, stops: tuple, transforms: list) -> Iterator:
         stages = ([pipeline.StopSequenceFilter(stops, generation.cancel)] if stops else [])
-        events = pipeline.run_pipeline(pipeline.runtime_events(generation), stages + transforms)
-        return Reply(generation.model.id, system_fingerprint(info), events, generation, legacy)
+        return pipeline.run_pipeline(pipeline.runtime_events(generation), stages + transforms)
 
     @staticmethod
     def _canned(info, content: str, reasoning: str, usage: pipeline.Usage) -> Reply:
         return Reply(info.id, system_fingerprint(info),
                      pipeline.canned_events(content, reasoning, usage))
+
+
+def with_adapter(run: RunRequest, adapter: Optional[tuple], use_cache: str) -> RunRequest:
+    """The run with its LoRA adapter and scale. A named prompt cache holds the base
+    model's KV state, so it cannot lie beneath an adapted conversation."""
+    if adapter is None:
+        return run
+    if use_cache:
+        raise RequestError("a named prompt cache holds the base model's state; it cannot be "
+                           "used with a LoRA adapter", param="use_cache")
+    return replace(run, lora_adapter=adapter[0], lora_scale=adapter[1])
+
+
+def prompt_window(info, requested: Optional[int]) -> int:
+    """The context a prompt may fill: the model's, or less when the client asks
+    (Ollama's num_ctx); never more, the runtime was loaded with the model's."""
+    if requested and requested > 0:
+        return min(info.context_length, requested)
+    return info.context_length
 
 
 def estimated_usage(messages, answer: str) -> pipeline.Usage:

@@ -15,18 +15,32 @@ def _env_name(field_name: str) -> str:
     return field_name.upper()
 
 
-def _parse(raw: str, kind, name: str):
+class SettingsError(ValueError):
+    """An environment variable whose value the server cannot use; the message names
+    the variable and what it expects."""
+
+
+def _parse(raw: str, kind, name: str, choices: tuple = ()):
     if kind is bool or kind == "bool":
         low = raw.strip().lower()
         if low in ("1", "true", "yes", "on"):
             return True
         if low in ("0", "false", "no", "off", ""):
             return False
-        raise ValueError(f"{name} must be a boolean, got {raw!r}")
+        raise SettingsError(f"{name} must be a boolean (1/0, true/false, yes/no, on/off), "
+                            f"got {raw!r}")
     if kind is int or kind == "int":
-        return int(raw)
+        try:
+            return int(raw)
+        except ValueError:
+            raise SettingsError(f"{name} must be a whole number, got {raw!r}") from None
     if kind is float or kind == "float":
-        return float(raw)
+        try:
+            return float(raw)
+        except ValueError:
+            raise SettingsError(f"{name} must be a number, got {raw!r}") from None
+    if choices and raw.strip().upper() not in choices:
+        raise SettingsError(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
     return raw
 
 
@@ -39,14 +53,18 @@ class Settings:
     host: str = field(default="127.0.0.1", metadata={"env": "RKLLM_API_HOST"})
     port: int = field(default=8000, metadata={"env": "RKLLM_API_PORT"})
     max_request_bytes: int = field(default=50 * 1024 * 1024, metadata={"env": "MAX_REQUEST_BYTES"})
-    log_level: str = field(default="INFO", metadata={"env": "RKLLM_API_LOG_LEVEL"})
-    # A rotating log file beside stderr; "" = stderr only (e.g. under journald).
-    log_file: str = field(default="~/.local/state/rkllm-api/rkllm-api.log",
+    log_level: str = field(default="INFO", metadata={
+        "env": "RKLLM_API_LOG_LEVEL", "choices": ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")})
+    # A rotating log file beside stderr, one per instance: {port} is replaced by the port.
+    # "" = stderr only; under systemd (journald) the server logs to stderr only anyway.
+    log_file: str = field(default="~/.local/state/rkllm-api/rkllm-api-{port}.log",
                           metadata={"env": "RKLLM_API_LOG_FILE"})
     default_max_tokens: int = field(default=2048, metadata={"env": "DEFAULT_MAX_TOKENS"})
-    # gunicorn gthread threads: one streams while others wait in the engine's queue (or
-    # get a quick 503 when it is full), so keep this above queue_max_length + 1 or so.
-    server_threads: int = field(default=8, metadata={"env": "RKLLM_API_THREADS"})
+    # gunicorn gthread threads. Every request waiting in a device queue holds one, so
+    # both queues full (2 x (queue_max_length + 1)) must leave threads for /health,
+    # /v1/models and instant answers; slow clients hold none (http_worker.py reads
+    # requests before a thread takes them). An idle thread costs a few kB.
+    server_threads: int = field(default=40, metadata={"env": "RKLLM_API_THREADS"})
 
     # --- registry ---
     models_root: str = field(default="~/models", metadata={"env": "RKLLM_MODELS_ROOT"})
@@ -57,6 +75,8 @@ class Settings:
     # GGUF files often claim a huge training context; the KV cache for it costs RAM on a
     # board, so a context length read from GGUF metadata is capped to this.
     gguf_max_context_length: int = field(default=8192, metadata={"env": "GGUF_MAX_CONTEXT"})
+    # Names clients hard-code mapped to local models: "gpt-4o-mini=qwen3-1.7b,gpt-4=qwen3-4b".
+    model_aliases: str = field(default="", metadata={"env": "MODEL_ALIASES"})
 
     # --- runtime ---
     rkllm_lib_path: str = field(default="", metadata={"env": "RKLLM_LIB_PATH"})
@@ -119,14 +139,50 @@ class Settings:
     rag_menu_line_chars: int = field(default=30, metadata={"env": "RAG_MENU_LINE_CHARS"})
     rag_min_line_chars: int = field(default=40, metadata={"env": "RAG_MIN_LINE_CHARS"})
 
+    # --- embeddings, reranking ---
+    # Model for /v1/embeddings and /v1/rerank requests that name none ("" = the first
+    # model marked "embedding", else the default model).
+    embedding_model: str = field(default="", metadata={"env": "EMBEDDING_MODEL"})
+    # Inputs one embeddings request (or documents one rerank request) may carry.
+    embed_max_inputs: int = field(default=2048, metadata={"env": "EMBED_MAX_INPUTS"})
+
+    # --- lan: keys, origins, connections, named caches (security.py, http_worker.py) ---
+    # API keys, comma-separated; none (and no file) = no authentication.
+    api_keys: str = field(default="", metadata={"env": "RKLLM_API_KEYS"})
+    # One key per line: "KEY [NAME] [admin]"; '#' starts a comment.
+    api_keys_file: str = field(default="", metadata={"env": "RKLLM_API_KEYS_FILE"})
+    # Keys that may also manage the server: model select, unload, pull and delete, named
+    # cache create and delete.
+    admin_keys: str = field(default="", metadata={"env": "RKLLM_ADMIN_KEYS"})
+    # Browser origins allowed to call the API ("http://host:port", comma-separated).
+    cors_origins: str = field(default="", metadata={"env": "CORS_ORIGINS"})
+    # /metrics without a key even when keys are set.
+    metrics_public: bool = field(default=False, metadata={"env": "METRICS_PUBLIC"})
+    # Open connections the worker holds at most (idle keep-alive ones included).
+    max_connections: int = field(default=256, metadata={"env": "RKLLM_API_MAX_CONNECTIONS"})
+    # Seconds a client has to send its request head, then its body; a response write
+    # that cannot progress for send_timeout seconds drops the client (and its run).
+    header_timeout: float = field(default=10.0, metadata={"env": "REQUEST_HEADER_TIMEOUT"})
+    body_timeout: float = field(default=60.0, metadata={"env": "REQUEST_BODY_TIMEOUT"})
+    send_timeout: float = field(default=30.0, metadata={"env": "SEND_TIMEOUT"})
+    # Named prompt caches per model: how many, and how many MB together.
+    named_cache_max_count: int = field(default=16, metadata={"env": "NAMED_CACHE_MAX_COUNT"})
+    named_cache_max_mb: int = field(default=2048, metadata={"env": "NAMED_CACHE_MAX_MB"})
+
+    # --- board ---
+    # Prefix of /dev, /sys and /proc for the startup checks and the NPU metrics (tests
+    # point it at a fake tree).
+    system_root: str = field(default="/", metadata={"env": "RKLLM_SYSTEM_ROOT"})
+
     @classmethod
     def from_env(cls, environ: Optional[dict] = None, **overrides) -> "Settings":
+        """Raises SettingsError naming the variable when a value does not parse."""
         env = os.environ if environ is None else environ
         values = {}
         for f in fields(cls):
             name = f.metadata.get("env", _env_name(f.name))
             if name in env:
-                values[f.name] = _parse(env[name], f.type, name)
+                values[f.name] = _parse(env[name], f.type, name, f.metadata.get("choices", ()))
         values.update(overrides)
         return cls(**values)
 

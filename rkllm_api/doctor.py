@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import logging
 import os
 import re
 import struct
@@ -38,6 +39,14 @@ _ELF_MACHINES = {183: "aarch64", 62: "x86-64", 40: "32-bit arm", 243: "riscv", 3
 # kernel enables RKNPU_PROC_FS), and the module's own version attribute.
 DRIVER_VERSION_FILES = ("/sys/kernel/debug/rknpu/version", "/proc/rknpu/version",
                         "/proc/debug/rknpu/version", "/sys/module/rknpu/version")
+# The driver's load report ("NPU load:  Core0: 12%, Core1:  0%, Core2:  0%,", or
+# "NPU load: 12%" on a one-core NPU): procfs is readable by every user when the kernel
+# has RKNPU_PROC_FS; debugfs usually only by root.
+LOAD_FILES = ("/proc/rknpu/load", "/proc/debug/rknpu/load", "/sys/kernel/debug/rknpu/load")
+# The NPU clock: the devfreq device of the NPU (fdab0000.npu on RK3588, 27700000.npu on
+# RK3576) is world-readable; the driver's own "freq" file is the fallback.
+DEVFREQ_CLASS = "/sys/class/devfreq"
+FREQUENCY_FILES = ("/proc/rknpu/freq", "/sys/kernel/debug/rknpu/freq")
 RECOMMENDED_DRIVER = (0, 9, 8)   # what the RKLLM SDK guide asks for
 OLDEST_DRIVER = (0, 9, 6)        # older drivers are reported to fail with RKLLM
 RKNN_LIBRARY_FILE = "librknnrt.so"
@@ -205,6 +214,32 @@ def driver_version(root: str = "/") -> str:
     return ""
 
 
+def npu_load(root: str = "/") -> dict:
+    """{core index: load percent} from the first readable load file, {} when none is."""
+    for path in LOAD_FILES:
+        text = _read_text(root, path)
+        if text is None or "load" not in text.lower():
+            continue
+        cores = re.findall(r"Core\s*(\d+)\s*:\s*(\d+)\s*%", text)
+        if cores:
+            return {int(core): int(load) for core, load in cores}
+        single = re.search(r":\s*(\d+)\s*%", text)
+        if single:
+            return {0: int(single.group(1))}
+    return {}
+
+
+def npu_frequency(root: str = "/") -> Optional[int]:
+    """The NPU clock in Hz, None when no file says."""
+    candidates = [f"{DEVFREQ_CLASS}/{name}/cur_freq" for name in _listdir(root, DEVFREQ_CLASS)
+                  if "npu" in name.lower()]
+    for path in candidates + list(FREQUENCY_FILES):
+        match = re.search(r"\d+", _read_text(root, path) or "")
+        if match:
+            return int(match.group(0))
+    return None
+
+
 def cpu_features(root: str = "/") -> Optional[set]:
     """The CPU feature flags of /proc/cpuinfo (every core's), None when unreadable."""
     text = _read_text(root, "/proc/cpuinfo")
@@ -342,70 +377,6 @@ def check_library_file(kind: str, path: str) -> int:
 
 # ---------------------------------------------------------------- model files
 
-# (elements per block, bytes per block) of the ggml tensor types, by type id; a type
-# not listed is only checked for its offset.
-_GGML_TYPES = {
-    0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34),
-    9: (32, 36), 10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176),
-    14: (256, 210), 15: (256, 292), 16: (256, 66), 17: (256, 74), 18: (256, 98),
-    19: (256, 50), 20: (32, 18), 21: (256, 110), 22: (256, 82), 23: (256, 136),
-    24: (1, 1), 25: (1, 2), 26: (1, 4), 27: (1, 8), 28: (1, 8), 29: (256, 56),
-    30: (1, 2), 34: (256, 54), 35: (256, 66), 39: (32, 17),
-}
-_GGUF_MAX_TENSORS = 1 << 20
-_GGUF_MAX_DIMS = 8
-
-
-def gguf_problem(path: str) -> Optional[str]:
-    """Why a GGUF file cannot load (None when its header parses and the file holds
-    every tensor the header lists): wrong magic, a header cut short, a truncated file."""
-    from rkllm_api.models import registry as reg   # the registry's GGUF readers
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as handle:
-            if handle.read(4) != b"GGUF":
-                return "not a GGUF file (no GGUF magic at the start): corrupt or mislabelled"
-            needed = _gguf_data_end(handle, reg)
-    except (OSError, reg.GGUFFormatError, struct.error, UnicodeDecodeError, ValueError) as exc:
-        return f"GGUF header does not parse ({exc}): corrupt or truncated"
-    if needed > size:
-        return f"truncated: its header describes {needed} bytes, the file has {size}"
-    return None
-
-
-def _gguf_data_end(handle, reg) -> int:
-    """Reads the whole header (metadata and tensor table) and returns the file size it
-    implies: the aligned start of the data plus the end of the furthest tensor."""
-    version = reg._unpack(handle, "<I")
-    if version not in (2, 3):
-        raise ValueError(f"unsupported GGUF version {version}")
-    tensors, keys = reg._unpack(handle, "<Q"), reg._unpack(handle, "<Q")
-    if tensors > _GGUF_MAX_TENSORS or keys > reg._GGUF_MAX_KEYS:
-        raise ValueError(f"implausible counts ({tensors} tensors, {keys} keys)")
-    alignment = 32
-    for _ in range(keys):
-        key = reg._read_gguf_string(handle, "<Q")
-        value_type = reg._unpack(handle, "<I")
-        if key == "general.alignment":
-            alignment = reg._read_gguf_value(handle, value_type, "<Q") or 32
-        else:
-            reg._skip_gguf_value(handle, value_type, "<Q")
-    end = 0
-    for _ in range(tensors):
-        reg._read_gguf_string(handle, "<Q")
-        dims = reg._unpack(handle, "<I")
-        if dims > _GGUF_MAX_DIMS:
-            raise ValueError(f"implausible tensor rank {dims}")
-        elements = 1
-        for _ in range(dims):
-            elements *= reg._unpack(handle, "<Q")
-        kind, offset = reg._unpack(handle, "<I"), reg._unpack(handle, "<Q")
-        block, block_bytes = _GGML_TYPES.get(kind, (1, 0))
-        end = max(end, offset + -(-elements // block) * block_bytes)
-    start = -(-handle.tell() // alignment) * alignment
-    return start + end
-
-
 def model_platform(path: str, folder: str) -> str:
     """The platform an .rkllm file was built for, from its file name, else its folder
     name ("qwen3-1.7b_w8a8_rk3588.rkllm" -> "rk3588"); "" when neither says."""
@@ -418,12 +389,16 @@ def model_platform(path: str, folder: str) -> str:
 
 # ---------------------------------------------------------------- the checks
 
-def run_doctor(settings, root: str = "/", *, cpu_runtime: Optional[bool] = None) -> Report:
+def run_doctor(settings, root: str = "/", *, cpu_runtime: Optional[bool] = None,
+               registry=None) -> Report:
     """Everything doctor knows about this machine and its models. cpu_runtime: whether
-    llama-cpp-python is importable (None: look it up)."""
-    from rkllm_api.models.registry import Registry
+    llama-cpp-python is importable (None: look it up); registry: the server's own (None:
+    a fresh one over settings)."""
+    if registry is None:
+        from rkllm_api.models.registry import Registry
+        registry = Registry(settings)
     report = Report(root=root, models_root=settings.models_root_path, board=board_soc(root))
-    models = Registry(settings).models()
+    models = registry.models()
     npu_findings = _npu_findings(settings, root, report)
     blocked_npu = [f for f in npu_findings if f.level == ERROR]
     if not any(m.device == "npu" for m in models):   # nothing depends on the NPU here
@@ -497,9 +472,17 @@ def _library_findings(settings, root: str, report: Report) -> list:
         return [Finding(ERROR, "librkllmrt", problem)]
     shown = ", ".join(versions) or "version text not found"
     found = [Finding(OK, "librkllmrt", f"{path}: runtime {shown}, ABI {abi}")]
-    if abi == "1.3" and (not versions or "1.3.0" in versions):
-        found.append(_sve_finding(root))
+    if abi == "1.3" and (not versions or "1.3.0" in versions) and _is_aarch64(path):
+        found.append(_sve_finding(root))   # (an x86 build, e.g. a test double, has no SVE issue)
     return found
+
+
+def _is_aarch64(path: str) -> bool:
+    try:
+        header = read_elf_header(path)
+    except OSError:
+        return False
+    return header is not None and header.machine == EM_AARCH64
 
 
 def _sve_finding(root: str) -> Finding:
@@ -531,12 +514,11 @@ def _check_model(info, report: Report, npu_blocked: bool, cpu_runtime: bool,
         size = 0
     check = ModelCheck(info.id, info.device, info.path, info.context_length, size)
     problems = check.problems
+    if info.problem:   # the registry's verdict on the file: corrupt, truncated, empty
+        problems.append(Finding(ERROR, "model", info.problem))
     if info.device == "npu":
-        problems.extend(_npu_model_problems(info, report, npu_blocked, size, rknn))
+        problems.extend(_npu_model_problems(info, report, npu_blocked, rknn))
     else:
-        problem = gguf_problem(info.path)
-        if problem:
-            problems.append(Finding(ERROR, "model", problem))
         if not cpu_runtime:
             problems.append(Finding(ERROR, "model", "the CPU runtime (llama-cpp-python) is "
                                     "not installed: ./setup.sh installs it"))
@@ -550,13 +532,10 @@ def _check_model(info, report: Report, npu_blocked: bool, cpu_runtime: bool,
     return check
 
 
-def _npu_model_problems(info, report: Report, npu_blocked: bool, size: int,
-                        rknn: str) -> list:
+def _npu_model_problems(info, report: Report, npu_blocked: bool, rknn: str) -> list:
     problems = []
     if npu_blocked:
         problems.append(Finding(ERROR, "npu", "the NPU runtime cannot run here (see above)"))
-    if size == 0:
-        problems.append(Finding(ERROR, "model", "empty model file"))
     target = model_platform(info.path, info.folder)
     if target and report.board and target != report.board:
         problems.append(Finding(ERROR, "model", f"built for {target}, this board is "
@@ -593,24 +572,45 @@ def render(report: Report) -> str:
     return "\n".join(lines) + "\n"
 
 
+_LOG_LEVELS = {OK: logging.INFO, INFO: logging.INFO, WARN: logging.WARNING, ERROR: logging.ERROR}
+
+
+def log_summary(report: Report, logger: logging.Logger) -> None:
+    """The report in the server's log at startup, one line per finding and per model
+    that cannot run. Never fatal: a machine without an NPU still serves CPU models."""
+    for finding in report.findings:
+        logger.log(_LOG_LEVELS[finding.level], "check %s: %s", finding.subject, finding.message)
+    for model in report.models:
+        for problem in model.problems:
+            logger.log(_LOG_LEVELS[problem.level], "check model %s: %s", model.id, problem.message)
+    runnable = [m.id for m in report.models if m.runnable]
+    logger.log(logging.WARNING if report.serving_blocked else logging.INFO,
+               "checks done: %d of %d models can run%s (rkllm-api doctor explains)",
+               len(runnable), len(report.models),
+               ": nothing can be served" if report.serving_blocked else "")
+
+
 def main(argv=None) -> int:
     """`rkllm-api doctor`: prints the report; exit status 1 when no model can run."""
-    import logging
-    from rkllm_api.config import Settings
+    from rkllm_api.config import Settings, SettingsError
     parser = argparse.ArgumentParser(prog="rkllm-api doctor", description=(
         "Checks the NPU driver, librkllmrt, the CPU and every model, and says what "
         "keeps a model from being served."))
     parser.add_argument("--models-root", help="models folder (default: RKLLM_MODELS_ROOT)")
-    parser.add_argument("--root", default="/", help="prefix of /dev, /sys, /proc and the "
-                        "library folders (a copy of another system's tree)")
+    parser.add_argument("--root", help="prefix of /dev, /sys, /proc and the library "
+                        "folders (a copy of another system's tree; default: RKLLM_SYSTEM_ROOT, /)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
     # The registry and the binding log what they skip; the report says it better.
     logging.getLogger().setLevel(logging.ERROR)
-    settings = Settings.from_env()
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(f"rkllm-api doctor: {exc}", file=sys.stderr)
+        return 2
     if args.models_root:
         settings = settings.with_(models_root=args.models_root)
-    report = run_doctor(settings, root=args.root)
+    report = run_doctor(settings, root=args.root or settings.system_root)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:

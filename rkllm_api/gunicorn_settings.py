@@ -17,8 +17,11 @@ def options(settings: Settings = None) -> dict:
         "wsgi_app": "api:create_app()",
         "bind": f"{s.host}:{s.port}",
         "workers": 1,
-        "worker_class": "gthread",
+        # gthread whose main loop reads each request whole, under deadlines, before a
+        # thread takes it: slow or idle clients never hold a thread (http_worker.py).
+        "worker_class": "rkllm_api.http_worker.BoundedReadWorker",
         "threads": s.server_threads,
+        "worker_connections": s.max_connections,
         # A gthread worker only misses its heartbeat when its main loop is stuck,
         # never because a request is long, so this is a last resort; generations are
         # bounded by the engine's own first-token / silence / total limits.

@@ -10,9 +10,11 @@ import time
 from flask import Blueprint, jsonify
 
 from rkllm_api.engine import kvcache
-from rkllm_api.errors import RequestError, model_not_found
+from rkllm_api.errors import RequestError
+from rkllm_api.models import adapters
 from rkllm_api.openai import protocol
 from rkllm_api.responses import json_body
+from rkllm_api.security import admin_only
 from rkllm_api.server import current_server
 from rkllm_api.text import prompts
 
@@ -20,19 +22,35 @@ blueprint = Blueprint("management", __name__)
 
 
 @blueprint.get("/v1/models")
+@blueprint.get("/models")   # the seed server's path; clients configured without /v1 use it
 def list_models():
-    return jsonify(protocol.model_list(current_server().registry.models()))
+    models = current_server().registry.models()
+    body = protocol.model_list(models)
+    body["data"] += [adapter_card(info, adapter) for info in models
+                     for adapter in adapters.of(info)]
+    return jsonify(body)
+
+
+def adapter_card(info, adapter) -> dict:
+    """A LoRA adapter as a model of its own: `<model>:<adapter>`, pickable by that id."""
+    card = protocol.model_card(info)
+    card.update(id=adapters.adapter_id(info.id, adapter.name), aliases=[], parent=info.id,
+                lora={"name": adapter.name, "scale": adapter.scale})
+    return card
 
 
 @blueprint.get("/v1/models/<path:model_id>")
 def get_model(model_id):
-    info = current_server().registry.resolve(model_id)
-    if info is None:
-        raise model_not_found(model_id)
-    return jsonify(protocol.model_card(info))
+    server = current_server()
+    info = server.registry.resolve(model_id)
+    if info is not None:
+        return jsonify(protocol.model_card(info))
+    info, adapter = server.chat.resolve_model_and_adapter(model_id)
+    return jsonify(adapter_card(info, adapters.find(info, adapter[0])))
 
 
 @blueprint.post("/v1/models/select")
+@admin_only
 def select_model():
     server = current_server()
     name = protocol.model_field(json_body(), required=True)
@@ -44,6 +62,7 @@ def select_model():
 
 
 @blueprint.post("/v1/models/unload")
+@admin_only
 def unload_model():
     server = current_server()
     name = protocol.model_field(json_body(required=False), required=False)
@@ -71,6 +90,7 @@ def _split(model_and_name: str) -> tuple:
 
 
 @blueprint.post("/v1/cache/<path:model>")
+@admin_only
 def create_cache(model):
     server = current_server()
     body = json_body()
@@ -100,6 +120,7 @@ def read_cache(model):
 
 
 @blueprint.delete("/v1/cache/<path:model>")
+@admin_only
 def delete_cache(model):
     server = current_server()
     model, name = _split(model)

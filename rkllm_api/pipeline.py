@@ -27,13 +27,35 @@ from rkllm_api.text import thinking, tools
 @dataclass(frozen=True)
 class Usage:
     """Token counts of one reply: every token the runtime prefilled for it (cache
-    building included, and what KV reuse kept) and every token it generated."""
+    building included, and what KV reuse kept) and every token it generated; and the
+    time the runtime spent on each, plus loading the model for it (milliseconds, from
+    the runtime's perf figures; 0 for replies no model wrote)."""
     prompt_tokens: int
     completion_tokens: int
+    prompt_ms: float = 0.0
+    completion_ms: float = 0.0
+    load_ms: float = 0.0
+    kept_tokens: int = 0      # of prompt_tokens, those the KV cache already held
+
+    @property
+    def evaluated_tokens(self) -> int:
+        """Prompt tokens the runtime prefilled for this reply (its perf figure)."""
+        return self.prompt_tokens - self.kept_tokens
 
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
+
+    def plus(self, other: Optional["Usage"]) -> "Usage":
+        """Both replies' work (an answer that took two runs reports both)."""
+        if other is None:
+            return self
+        return Usage(self.prompt_tokens + other.prompt_tokens,
+                     self.completion_tokens + other.completion_tokens,
+                     self.prompt_ms + other.prompt_ms,
+                     self.completion_ms + other.completion_ms,
+                     self.load_ms + other.load_ms,
+                     self.kept_tokens + other.kept_tokens)
 
 
 class ContentDelta:
@@ -56,10 +78,13 @@ class ToolCallDelta:
 
 
 class Finished:
-    __slots__ = ("reason",)   # OpenAI finish_reason: stop, length, tool_calls
+    """reason: stop, length, tool_calls, or "error" when the answer had to be refused
+    after the run (structured output that never validated): `error` says why."""
+    __slots__ = ("reason", "error")
 
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, error: Optional[str] = None):
         self.reason = reason
+        self.error = error
 
 
 class UsageReport:
@@ -131,7 +156,8 @@ def usage_of(generation, perf) -> Usage:
     if perf is None:
         return Usage(0, 0)
     kept = generation.kv_reused_tokens
-    return Usage(perf.prefill_tokens + kept, perf.generate_tokens)
+    return Usage(perf.prefill_tokens + kept, perf.generate_tokens, perf.prefill_ms,
+                 perf.generate_ms, getattr(generation, "load_ms", 0.0), kept)
 
 
 class StopSequenceFilter:
@@ -199,6 +225,7 @@ class AnswerSoFar:
     def __init__(self):
         self._content, self._reasoning, self.calls = [], [], []
         self.finish, self.usage, self.failure = "stop", Usage(0, 0), None
+        self.finish_error: Optional[str] = None   # why a finish "error" refused the answer
 
     def add(self, event) -> None:
         kind = type(event)
@@ -211,6 +238,7 @@ class AnswerSoFar:
                 merge_tool_call_delta(self.calls, delta)
         elif kind is Finished:
             self.finish = event.reason
+            self.finish_error = event.error
         elif kind is UsageReport:
             self.usage = event.usage
         elif kind is Failure:

@@ -111,6 +111,7 @@ class ResponseFormat:
     schema: Optional[dict] = None
     name: str = ""
     strict: bool = False
+    source: str = "response_format"   # the request field it came from (named in errors)
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,8 @@ class ChatRequest:
     thinking: Optional[bool] = None   # what the request asks: True, False, None (nothing)
     response_format: ResponseFormat = field(default_factory=ResponseFormat)
     use_cache: str = ""               # a named prompt cache of the model to start from
+    context_length: Optional[int] = None  # a smaller prompt window than the model's (Ollama num_ctx)
+    lora: Optional["LoraChoice"] = None   # a LoRA adapter of the model (`lora`, `<model>:<adapter>`)
 
 
 @dataclass(frozen=True)
@@ -137,3 +140,30 @@ class CompletionRequest:
     max_tokens: Optional[int] = None
     stop: tuple = ()
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    context_length: Optional[int] = None  # a smaller prompt window than the model's
+    lora: Optional["LoraChoice"] = None
+
+
+@dataclass(frozen=True)
+class LoraChoice:
+    """A LoRA adapter of the model, by name (never a path), and its weight; None
+    scale = the adapter's default (model_config.json, else 1.0)."""
+    name: str
+    scale: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class EmbeddingRequest:
+    model: Optional[str]              # None: EMBEDDING_MODEL, an embedding model, the default
+    inputs: tuple                     # str, or a tuple of token ids, per input
+    dimensions: Optional[int] = None  # keep this many leading values (re-normalised)
+    truncate: bool = False            # cut an input that is too long instead of refusing it
+
+
+@dataclass(frozen=True)
+class RerankRequest:
+    model: Optional[str]
+    query: str
+    documents: tuple                  # str
+    top_n: Optional[int] = None       # None: every document
+    return_documents: bool = True

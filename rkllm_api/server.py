@@ -8,10 +8,15 @@ import threading
 from flask import current_app
 
 from rkllm_api.chat import ChatService
+from rkllm_api.embeddings import EmbeddingService
 
 log = logging.getLogger(__name__)
 
 APP_EXTENSION = "rkllm_api"
+# How long shutdown waits for aborted runs to end before it gives up on them. An abort
+# ends a decode within a token; a prefill on the NPU cannot be aborted, and waiting for
+# it would only hold the exit past gunicorn's graceful timeout (10 s) and its SIGKILL.
+SHUTDOWN_SECONDS = 3.0
 
 
 class Server:
@@ -20,7 +25,10 @@ class Server:
         self.registry = registry
         self.engine = engine
         self.chat = ChatService(settings, registry, engine)
+        self.embeddings = EmbeddingService(settings, registry, engine)
         self.shutting_down = False
+        self.checks = None                   # doctor's report from the startup checks
+        self.runtime_left_running = False    # shutdown gave up on a runtime still in a call
         self._shutdown_lock = threading.Lock()
         self._shut_down = False
 
@@ -32,7 +40,7 @@ class Server:
                 return
             self._shut_down = True
             log.info("shutting down: aborting generations and closing runtimes")
-            self.engine.shutdown()
+            self.runtime_left_running = not self.engine.shutdown(SHUTDOWN_SECONDS)
 
 
 def current_server() -> Server:

@@ -49,6 +49,21 @@ def test_ready_and_health_turn_503_at_shutdown(app):
     assert client.get("/health").get_json()["status"] == "shutting_down"
 
 
+def test_an_unexpected_failure_is_a_500_in_openai_format_without_details(app, caplog):
+    """The last entry of the error table: anything no other handler knows."""
+    def broken_view():
+        raise RuntimeError("secret detail at /srv/models/x.rkllm")
+
+    app.add_url_rule("/v1/broken", "broken", broken_view)
+    with caplog.at_level(logging.ERROR):
+        response = app.test_client().get("/v1/broken")
+    assert response.status_code == 500
+    error = response.get_json()["error"]
+    assert (error["type"], error["code"]) == ("server_error", "internal_error")
+    assert "secret" not in error["message"] and "/srv" not in error["message"]
+    assert "secret detail" in caplog.text          # the log keeps what the client does not see
+
+
 def test_no_model_at_all_is_a_404_in_openai_format(app):
     response = app.test_client().post("/v1/chat/completions", json={
         "messages": [{"role": "user", "content": "hi"}]})
@@ -93,6 +108,9 @@ def test_gunicorn_conf_settings():
                          capture_output=True, text=True, check=True).stdout
     conf = json.loads(out)
     assert conf["bind"] == "127.0.0.1:8000" and conf["workers"] == 1
-    assert conf["worker_class"] == "gthread" and conf["threads"] >= 4
+    # gthread, with the read layer in front of its thread pool (http_worker.py)
+    from gunicorn.util import load_class
+    from gunicorn.workers.gthread import ThreadWorker
+    assert issubclass(load_class(conf["worker_class"]), ThreadWorker) and conf["threads"] >= 4
     assert conf["graceful_timeout"] == 10 and conf["timeout"] >= 600
     assert conf["wsgi_app"] == "api:create_app()"

@@ -6,7 +6,8 @@ import pytest
 from rkllm_api.errors import RequestError
 from rkllm_api.openai import protocol
 from rkllm_api.openai.routes import collect_body, render_sse
-from rkllm_api.pipeline import (KEEP_ALIVE, ContentDelta, Failure, Finished, KeepAlive,
+from rkllm_api.responses import FLUSH_MARK, coalesced
+from rkllm_api.pipeline import (FLUSH, KEEP_ALIVE, ContentDelta, Failure, Finished, KeepAlive,
                                 ReasoningDelta, StopSequenceFilter, ThinkingTransform,
                                 ToolCallDelta, Usage, UsageReport, merge_tool_call_delta,
                                 run_pipeline)
@@ -150,3 +151,24 @@ def test_merge_tool_call_delta_by_index():
     merge_tool_call_delta(calls, {"index": 1, "function": {"arguments": "1}"}})
     assert calls[1]["function"] == {"name": "g", "arguments": "{\"x\":1}"}
     assert isinstance(KEEP_ALIVE, KeepAlive)
+
+
+# ---- write coalescing ----
+
+def test_coalesced_writes_the_first_piece_alone_then_joins_up_to_each_flush():
+    pieces = ["role", "a", "b", FLUSH_MARK, "c", FLUSH_MARK, FLUSH_MARK, "d"]
+    assert list(coalesced(iter(pieces))) == ["role", "ab", "c", "d"]
+
+
+def test_coalesced_writes_at_least_every_max_batch_pieces():
+    pieces = ["role"] + [str(i) for i in range(10)]   # a runtime faster than the writer
+    assert list(coalesced(iter(pieces), max_batch=4)) == ["role", "0123", "4567", "89"]
+
+
+def test_flush_events_become_flush_marks_and_change_nothing_else():
+    chunks = protocol.ChatChunks("m", "fp")
+    events = [ContentDelta("a"), FLUSH, ContentDelta("b"), Finished("stop"), USAGE]
+    lines = list(render_sse(iter(events), chunks))
+    assert FLUSH_MARK in lines
+    written = "".join(coalesced(iter(lines)))
+    assert written == "".join(line for line in lines if line)

@@ -105,6 +105,21 @@ def test_without_snapshots_alternating_conversations_prefill_again(make_engine):
     assert second_a.prefilled_tokens > 60 and second_b.prefilled_tokens > 30
 
 
+def tool_result(content: str) -> dict:
+    return {"role": "tool", "name": "get_weather", "content": content}
+
+
+def test_a_conversation_resumes_from_its_snapshot_with_a_tool_result(make_engine):
+    engine = make_engine()
+    chat_a = [user(FIRST)]
+    _, answer_a = turn(engine, chat_a)
+    turn(engine, [user("Name one bicycle maker.")])   # another chat takes the cache
+    chat_a += [assistant(answer_a), tool_result('{"city": "Paris", "temp_c": 21}')]
+    back, _ = turn(engine, chat_a)
+    assert back.kv_mode == "resume"
+    assert back.prefilled_tokens < 40       # only the tool result, not the conversation
+
+
 def test_reuse_off_always_prefills_everything(make_engine):
     engine = make_engine(kv_reuse=False)
     _, answer = turn(engine, [user(FIRST)])
@@ -126,9 +141,10 @@ def npu_engine(tmp_path, rkllm_double_libs, rkllm_record):
     engine.shutdown(timeout=5)
 
 
-def npu_turn(engine, messages):
-    built = PromptBuilder(engine.settings).build_chat(typed(messages), context_length=4096)
-    run = RunRequest(prompt=built.text, keep_history=True, max_new_tokens=8)
+def npu_turn(engine, messages, context_length=4096, max_new_tokens=8):
+    built = PromptBuilder(engine.settings).build_chat(typed(messages),
+                                                      context_length=context_length)
+    run = RunRequest(prompt=built.text, keep_history=True, max_new_tokens=max_new_tokens)
     generation = engine.generate(GenerationJob("npu-a", run, "npu-turn", built))
     answer = "".join(e.text for e in generation.events() if e.kind is EventKind.TEXT)
     assert generation.commit_answer(answer)
@@ -150,3 +166,47 @@ def test_npu_snapshots_are_saved_during_runs_and_loaded_on_return(npu_engine, rk
     # the saved state ends before the answer: it is sent again with the new message
     assert last["prompt"] == "Assistant: apples\n\nUser: more please"
     assert last["keep_history"] == 1
+
+
+def test_npu_snapshot_is_not_resumed_after_a_tool_result(npu_engine, rkllm_record):
+    """librkllmrt saves its state before the answer, and the answer is resent as
+    text with the next user message; a tool result cannot follow that way, so the
+    conversation is prefilled again (the documented fallback)."""
+    chat_a = [user("@@reply:calling@@ weather?")]
+    _, answer_a = npu_turn(npu_engine, chat_a)
+    npu_turn(npu_engine, [user("@@reply:pears@@ second")])
+    chat_a += [assistant(answer_a), tool_result('{"temp_c": 21}')]
+    back, _ = npu_turn(npu_engine, chat_a)
+    assert back.kv_mode == "full"
+    assert rkllm_record.last("run")["prompt"].startswith("User: @@reply:calling@@ weather?")
+
+
+def test_a_nearly_full_kv_cache_is_reset_instead_of_extended(tmp_path, rkllm_double_libs):
+    """Reuse needs room for the new message and an answer (a quarter of the context
+    at most); when the kept turns leave less, the cache starts over."""
+    def engine_with_context(context: int) -> Engine:
+        folder = tmp_path / f"ctx{context}"
+        from support.doubles import make_fake_rkllm_model
+        make_fake_rkllm_model(folder / "models" / "npu-a", "a")
+        settings = Settings(models_root=str(folder / "models"), include_bundled_model=False,
+                            rkllm_lib_path=rkllm_double_libs["1.3"], idle_unload_seconds=0,
+                            heartbeat_seconds=0, kv_cache_dir=str(folder / "cache"),
+                            default_context_length=context)
+        engine = Engine(settings, Registry(settings))
+        engine.start()
+        return engine
+
+    # The double counts prefill in words: 120 words now, an 8-token answer, and the
+    # next turn asks for room for min(max_new_tokens, context / 4) more tokens.
+    first = [user("@@count:8@@ " + "word " * 120)]
+    modes = {}
+    for context in (4096, 160):
+        engine = engine_with_context(context)
+        try:
+            _, answer = npu_turn(engine, first, context_length=context)
+            second, _ = npu_turn(engine, first + [assistant(answer), user("next")],
+                                 context_length=context, max_new_tokens=64)
+            modes[context] = second.kv_mode
+        finally:
+            engine.shutdown(timeout=5)
+    assert modes == {4096: "reuse", 160: "full"}

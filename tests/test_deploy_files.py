@@ -1,10 +1,15 @@
 """docker-compose.yml (Open WebUI + SearXNG wired to rkllm-api) and settings.yml
 (SearXNG): parsed as YAML, and the settings that make the pair work are checked."""
 import os
+import subprocess
 from urllib.parse import urlsplit
 
 import pytest
 import yaml  # PyYAML: in the test extra of pyproject.toml
+
+from rkllm_api import envfile
+from rkllm_api.config import Settings
+from support.compose import interpolate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SERVER_PORT = 8000     # rkllm-api's default port (config.Settings.port)
@@ -46,13 +51,50 @@ def test_open_webui_image_can_be_overridden_for_rollback(compose):
 
 
 def test_openai_base_url_points_at_the_server_on_the_host(compose, webui_env):
-    from rkllm_api.config import Settings
-    url = urlsplit(webui_env["OPENAI_API_BASE_URL"])
+    url = urlsplit(interpolate(webui_env["OPENAI_API_BASE_URL"], {}))   # no env file
     assert url.scheme == "http" and url.path == "/v1"
     assert url.port == SERVER_PORT == Settings().port
     assert url.hostname == "host.docker.internal"
     assert f"{url.hostname}:host-gateway" in compose["services"]["open-webui"]["extra_hosts"]
-    assert webui_env["OPENAI_API_KEY"]   # Open WebUI needs a non-empty key
+    assert interpolate(webui_env["OPENAI_API_KEY"], {})   # Open WebUI needs a non-empty key
+
+
+def service_env_file(tmp_path) -> dict:
+    """The variables of the env file `setup.sh --service` writes (run against a
+    temporary root, as tests/test_setup.py does)."""
+    root = tmp_path / "root"
+    env = {k: v for k, v in os.environ.items() if k != "SUDO_USER"}
+    done = subprocess.run(["bash", os.path.join(ROOT, "setup.sh"), "--root", str(root),
+                           "--skip-venv", "--service"], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    with open(root / "etc/rkllm-api/rkllm-api.env", encoding="utf-8") as handle:
+        return envfile.parse(handle.read())
+
+
+def test_open_webui_reaches_the_service_its_env_file_describes(webui_env, tmp_path):
+    """`docker compose --env-file /etc/rkllm-api/rkllm-api.env up`: the URL, port and key
+    Open WebUI gets agree with the settings the service runs with."""
+    from rkllm_api.security import KeyRing
+    variables = service_env_file(tmp_path)
+    settings = Settings.from_env(variables)
+    # the container comes in through the Docker bridge, never the host's loopback
+    assert settings.host == "0.0.0.0"
+    url = urlsplit(interpolate(webui_env["OPENAI_API_BASE_URL"], variables))
+    assert (url.hostname, url.port) == ("host.docker.internal", settings.port)
+    assert not KeyRing.from_settings(settings).enabled
+    assert interpolate(webui_env["OPENAI_API_KEY"], variables)     # any key is taken
+    # the administrator moves the port and sets a key in the env file
+    edited = {**variables, "RKLLM_API_PORT": "9001", "RKLLM_API_KEYS": "sk-board-0123456789"}
+    settings = Settings.from_env(edited)
+    assert urlsplit(interpolate(webui_env["OPENAI_API_BASE_URL"], edited)).port == 9001
+    keys = KeyRing.from_settings(settings)
+    assert keys.match(interpolate(webui_env["OPENAI_API_KEY"], edited)) is not None
+    # several keys: Open WebUI's own, named in OPEN_WEBUI_API_KEY, is one of them
+    several = {**edited, "RKLLM_API_KEYS": "sk-board-0123456789,sk-webui-0123456789",
+               "OPEN_WEBUI_API_KEY": "sk-webui-0123456789"}
+    keys = KeyRing.from_settings(Settings.from_env(several))
+    assert keys.match(interpolate(webui_env["OPENAI_API_KEY"], several)) is not None
 
 
 def test_searxng_url_matches_the_searxng_service(compose, webui_env):

@@ -4,6 +4,7 @@ the version banner the binding reads, and the models are small files in a models
 from __future__ import annotations
 
 import json
+import logging
 import os
 import struct
 
@@ -12,54 +13,7 @@ import pytest
 from rkllm_api import doctor
 from rkllm_api.config import Settings
 from rkllm_api.doctor import ERROR, OK, WARN, run_doctor
-
-GIB = 1 << 30
-A76_FEATURES = "fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp"
-
-
-def aarch64_library(path, banner: bytes) -> str:
-    """A file with a 64-bit little-endian aarch64 ET_DYN ELF header and a banner."""
-    head = b"\x7fELF" + bytes([2, 1, 1, 0]) + b"\0" * 8 + struct.pack("<HHI", 3, 183, 1)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "wb") as handle:
-        handle.write(head.ljust(64, b"\0") + b"\0" + banner + b"\0" + b"\0" * 64)
-    return str(path)
-
-
-def write(root, path: str, content) -> str:
-    target = os.path.join(str(root), path.lstrip("/"))
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    with open(target, "wb") as handle:
-        handle.write(content if isinstance(content, bytes) else content.encode())
-    return target
-
-
-def make_board(root, *, soc="rk3588", node="rknpu", driver="0.9.8", runtime="1.2.3",
-               sve=False, mem_total=8 * GIB, mem_available=6 * GIB):
-    """A fake board's tree. node: "rknpu" (/dev/rknpu), "drm" (render node of the
-    vendor driver), "rocket" (mainline driver) or None."""
-    if soc:
-        write(root, "/proc/device-tree/compatible", f"radxa,rock-5b\0rockchip,{soc}\0")
-    if node == "rknpu":
-        write(root, "/dev/rknpu", "")
-    elif node in ("drm", "rocket"):
-        write(root, "/dev/dri/renderD129", "")
-        write(root, "/sys/class/drm/renderD129/device/uevent",
-              f"DRIVER={'RKNPU' if node == 'drm' else 'rocket'}\nOF_NAME=npu\n")
-        if node == "rocket":
-            os.makedirs(os.path.join(str(root), "sys/module/rocket"))
-    if driver:
-        write(root, "/sys/kernel/debug/rknpu/version", f"RKNPU driver: v{driver}\n")
-    if runtime:
-        aarch64_library(os.path.join(str(root), "usr/lib/librkllmrt.so"),
-                        f"rkllm-runtime version: {runtime}".encode())
-    features = A76_FEATURES + (" sve" if sve else "")
-    write(root, "/proc/cpuinfo", "".join(f"processor\t: {n}\nFeatures\t: {features}\n\n"
-                                         for n in range(8)))
-    write(root, "/proc/meminfo", f"MemTotal:       {mem_total // 1024} kB\n"
-                                 f"MemFree:        1000 kB\nMemAvailable:   {mem_available // 1024} kB\n")
-    return str(root)
-
+from support.board import aarch64_library, make_board, write
 
 def add_model(models, folder: str, name: str, content: bytes = b"RKLLM-MODEL" * 100) -> str:
     return write(models, f"{folder}/{name}", content)
@@ -199,7 +153,8 @@ def test_old_driver_and_module_version_file(tmp_path, models):
 # ------------------------------------------------------------------ models and memory
 
 def gguf_bytes(tensor_elements: int = 4, data: bytes = None) -> bytes:
-    """A minimal valid GGUF v3: one metadata key and one F32 tensor."""
+    """A minimal valid GGUF v3: one metadata key and one F32 tensor (the file checks
+    themselves are tested in test_gguf.py)."""
     def text(value: str) -> bytes:
         return struct.pack("<Q", len(value)) + value.encode()
     header = b"GGUF" + struct.pack("<IQQ", 3, 1, 1)
@@ -208,26 +163,6 @@ def gguf_bytes(tensor_elements: int = 4, data: bytes = None) -> bytes:
     header += struct.pack("<IQ", 0, 0)                      # F32 at offset 0
     header = header.ljust(-(-len(header) // 32) * 32, b"\0")
     return header + (data if data is not None else b"\0" * 4 * tensor_elements)
-
-
-def test_gguf_checks(tmp_path):
-    good = write(tmp_path, "good.gguf", gguf_bytes())
-    assert doctor.gguf_problem(good) is None
-    truncated = write(tmp_path, "cut.gguf", gguf_bytes()[:-6])
-    assert "truncated" in doctor.gguf_problem(truncated)
-    header_cut = write(tmp_path, "head.gguf", gguf_bytes()[:30])
-    assert "does not parse" in doctor.gguf_problem(header_cut)
-    wrong_magic = write(tmp_path, "magic.gguf", b"GGML" + gguf_bytes()[4:])
-    assert "magic" in doctor.gguf_problem(wrong_magic)
-
-
-def test_bundled_gguf_passes_the_check():
-    """The real SmolLM2 file (quantized tensor types) fills exactly what its header lists."""
-    from rkllm_api.models.registry import bundled_model_file
-    path = bundled_model_file()
-    if not path:
-        pytest.skip("the bundled model is not installed (./setup.sh installs it)")
-    assert doctor.gguf_problem(path) is None
 
 
 def test_cpu_models_on_a_machine_without_npu(tmp_path, models):
@@ -299,3 +234,43 @@ def test_check_library_file(tmp_path, rkllm_double_libs, capsys):
     rknn = aarch64_library(tmp_path / "c/librknnrt.so", b"librknnrt version: 2.3.2 (x)")
     assert doctor.check_library_file("rknn", rknn) == 0
     assert "librknnrt 2.3.2" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ NPU load and clock
+
+def test_npu_load_per_core_and_frequency_without_root_rights(tmp_path):
+    root = make_board(tmp_path / "root")
+    assert doctor.npu_load(root) == {} and doctor.npu_frequency(root) is None
+    write(root, "/proc/rknpu/load", "NPU load:  Core0: 37%, Core1:  0%, Core2: 100%,\n")
+    write(root, "/sys/class/devfreq/fdab0000.npu/cur_freq", "1000000000\n")
+    write(root, "/sys/class/devfreq/dmc/cur_freq", "2112000000\n")   # memory, not the NPU
+    assert doctor.npu_load(root) == {0: 37, 1: 0, 2: 100}
+    assert doctor.npu_frequency(root) == 1_000_000_000
+
+
+def test_one_core_npu_and_the_driver_files_as_fallback(tmp_path):
+    root = make_board(tmp_path / "root", soc="rk3576")
+    write(root, "/sys/kernel/debug/rknpu/load", "NPU load: 12%\n")
+    write(root, "/proc/rknpu/freq", "950000000\n")
+    assert doctor.npu_load(root) == {0: 12}
+    assert doctor.npu_frequency(root) == 950_000_000
+
+
+# ------------------------------------------------------------------ the startup summary
+
+def test_startup_summary_logs_each_finding_and_blocked_model(tmp_path, models, caplog):
+    root = make_board(tmp_path / "root", runtime="1.3.0", sve=False)
+    add_model(models, "m", "m_rk3588.rkllm")
+    write(models, "cut.gguf", gguf_bytes()[:-6])          # a file directly in the root
+    report = doctor_run(root, models)
+    logger = logging.getLogger("test.startup")
+    with caplog.at_level(logging.INFO, logger="test.startup"):
+        doctor.log_summary(report, logger)
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert ("INFO", "check board: Rockchip rk3588 (device tree)") in lines
+    assert any(level == "ERROR" and message.startswith("check cpu:") and "518" in message
+               for level, message in lines)
+    assert any(level == "ERROR" and message.startswith("check model cut: truncated")
+               for level, message in lines)
+    assert lines[-1] == ("WARNING", "checks done: 0 of 2 models can run: nothing can be "
+                                    "served (rkllm-api doctor explains)")

@@ -152,13 +152,22 @@ def test_model_tasks_run_capped_without_thinking(server, version, name):
         owui_accepts(kind, content, version)
 
 
-@pytest.mark.parametrize("name", ["follow_ups", "tool_selection", "image_prompt"])
-def test_unscripted_model_answer_is_still_a_well_formed_reply(server, name):
-    """The double's default sentence is no JSON: Open WebUI ignores such a reply,
-    but the response around it must be complete."""
+FALLBACKS = {"follow_ups": {"follow_ups": []}, "tool_selection": {"tool_calls": []},
+             "image_prompt": {"prompt": "Draw a cat sleeping on a red velvet sofa in the "
+                                        "afternoon sun"}}
+
+
+@pytest.mark.parametrize("name", sorted(FALLBACKS))
+def test_unscripted_model_answer_is_replaced_by_json_open_webui_parses(server, name):
+    """The double's default sentence is no JSON: it is rejected, the task runs once
+    more with the error, and when that is no JSON either the reply is the task's
+    fallback, JSON Open WebUI parses, in a complete response."""
     for stream in (False, True):
+        runs_before = len(server.record.entries("run"))
         content = ask(server, owui_body("v0.12.4", name), stream)
-        assert content == "Hello from the NPU double."
+        assert owui_cut_json(content) == FALLBACKS[name]
+        runs = server.record.entries("run")[runs_before:]
+        assert len(runs) == 2 and "cannot be used" in runs[1]["prompt"]
 
 
 def test_task_runs_alone_and_the_conversation_resumes(server):

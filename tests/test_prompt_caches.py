@@ -219,3 +219,41 @@ def test_http_unapplied_sampling_header(live_servers, rkllm_double_libs, abi, he
                                        "messages": [user("hi")], "max_tokens": 4})
     assert response.status_code == 200
     assert response.headers.get("X-RKLLM-Sampling-Unapplied") == header
+    # A streamed reply says it too: the header is known before the run starts.
+    streamed, payloads = server.stream_chat({"model": "fake-npu-model", "temperature": 0.01,
+                                             "messages": [user("hi")], "max_tokens": 4})
+    assert streamed.status_code == 200 and payloads[-1] == "[DONE]"
+    assert streamed.headers.get("X-RKLLM-Sampling-Unapplied") == header
+
+
+def test_a_corrupt_system_prompt_cache_is_dropped_and_rebuilt(make_engine, tmp_path):
+    first, answer = system_turn(make_engine())
+    (name,) = cache_files(tmp_path)
+    path = tmp_path / "cache" / "smollm2-135m-instruct" / name
+    broken = path.read_bytes()[:100]          # cut short, as a full disk would leave it
+    path.write_bytes(broken)
+    cold = make_engine()
+    cold.load(MODEL)      # the preload fails quietly and drops the file
+    assert cold.health()["devices"]["cpu"]["kv_cache"]["prompt_cache"] is None
+    assert not path.exists()
+    again, again_answer = system_turn(cold)
+    assert again.kv_mode == "full" and again_answer == answer   # greedy: the same answer
+    # The next full start rebuilt a good cache for the same system text.
+    assert cache_files(tmp_path) == [name] and path.read_bytes() != broken
+    assert again.prefilled_tokens == first.prefilled_tokens
+
+
+def test_snapshot_folders_of_dead_processes_are_removed_at_start(tmp_path):
+    root = tmp_path / "snapshots"
+    dead = root / "pid-999999999"          # no such process
+    alive = root / f"pid-{os.getppid()}"   # the test runner's parent is alive
+    other = root / "keep-me"
+    for folder in (dead, alive, other):
+        folder.mkdir(parents=True)
+        (folder / "a.kv").write_bytes(b"x")
+    store = SnapshotStore(str(root / f"pid-{os.getpid()}"), max_entries=2, max_bytes=100)
+    assert dead.exists()                   # the constructor touches nothing on disk
+    store.start()
+    assert not dead.exists()
+    assert alive.exists() and other.exists()
+    assert (root / f"pid-{os.getpid()}").is_dir()

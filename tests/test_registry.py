@@ -1,5 +1,6 @@
 """Model discovery on throw-away model folders (dummy .rkllm files, tiny GGUF headers)."""
 import json
+import logging
 import os
 import struct
 
@@ -7,7 +8,7 @@ import pytest
 
 from rkllm_api.config import Settings
 from rkllm_api.models.registry import (BUNDLED_MODEL_ID, Registry, bundled_model_file, candidate_aliases,
-                      gguf_context_length)
+                      gguf_context_length, parse_model_aliases)
 
 
 # ---- helpers ----
@@ -17,8 +18,8 @@ def gguf_string(text):
 
 
 def gguf_bytes(metadata):
-    """A GGUF v3 header with the given (key, type, value) metadata and no tensors.
-    Types: "u32", "str", "f32", or ("array_str", [...]) / ("array_i32", [...])."""
+    """A GGUF v3 file with the given (key, type, value) metadata and one one-element F32
+    tensor. Types: "u32", "str", "f32", or ("array_str", [...]) / ("array_i32", [...])."""
     body = b""
     for key, kind, value in metadata:
         body += gguf_string(key)
@@ -34,7 +35,9 @@ def gguf_bytes(metadata):
             body += struct.pack("<IIQ", 9, 8, len(value)) + b"".join(gguf_string(v) for v in value)
         elif kind == "array_i32":
             body += struct.pack("<IIQ", 9, 5, len(value)) + b"".join(struct.pack("<i", v) for v in value)
-    return b"GGUF" + struct.pack("<IQQ", 3, 0, len(metadata)) + body
+    header = b"GGUF" + struct.pack("<IQQ", 3, 1, len(metadata)) + body
+    header += gguf_string("weight") + struct.pack("<IQ", 1, 1) + struct.pack("<IQ", 0, 0)
+    return header.ljust(-(-len(header) // 32) * 32, b"\0") + b"\0" * 4   # aligned data
 
 
 def llama_gguf(context_length, extra_before=()):
@@ -73,7 +76,6 @@ def test_folders_with_model_files_become_models_with_normalised_ids(tmp_path):
     add_model(tmp_path, "Phi 3 Mini", "phi.gguf", llama_gguf(2048))
     add_model(tmp_path, "no-model-here", "README.md")
     add_model(tmp_path, ".hidden", "x.rkllm")
-    (tmp_path / "stray.rkllm").write_bytes(b"dummy")
     registry = registry_for(tmp_path)
     models = {m.id: m for m in registry.models()}
     assert sorted(models) == ["phi-3-mini", "qwen3-1.7b"]
@@ -92,11 +94,101 @@ def test_rkllm_file_is_preferred_and_gguf_projectors_are_not_models(tmp_path):
     assert [(m.id, os.path.basename(m.path)) for m in models] == [("both", "a.rkllm")]
 
 
-def test_missing_models_root_gives_empty_list(tmp_path):
+def test_missing_models_root_gives_empty_list_and_a_warning(tmp_path, caplog):
     registry = registry_for(tmp_path / "does-not-exist")
-    assert registry.models() == []
+    with caplog.at_level(logging.INFO, logger="rkllm_api.models.registry"):
+        assert registry.models() == []
     assert registry.default_model() is None
     assert registry.resolve("anything") is None
+    [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert "does-not-exist does not exist" in warning.getMessage()
+
+
+# ---- model files lying in the models root ----
+def test_model_files_in_the_root_are_models_named_by_their_file(tmp_path):
+    (tmp_path / "Qwen3-1.7B_rk3588.rkllm").write_bytes(b"dummy")
+    (tmp_path / "phi-2-8k.Q4_K_M.gguf").write_bytes(llama_gguf(2048))
+    (tmp_path / "mmproj-phi.gguf").write_bytes(llama_gguf(2048))           # a projector
+    (tmp_path / "big-00001-of-00002.gguf").write_bytes(llama_gguf(4096))    # split GGUF
+    (tmp_path / "big-00002-of-00002.gguf").write_bytes(b"rest of the tensors")
+    (tmp_path / "notes.txt").write_text("not a model")
+    models = {m.id: m for m in registry_for(tmp_path).models()}
+    assert sorted(models) == ["big", "phi-2-8k.q4-k-m", "qwen3-1.7b-rk3588"]
+    npu = models["qwen3-1.7b-rk3588"]
+    assert npu.device == "npu" and npu.folder == str(tmp_path) and "qwen3" in npu.aliases
+    assert models["phi-2-8k.q4-k-m"].context_length == 8192      # from the file name
+    assert models["big"].context_source == "gguf" and models["big"].context_length == 4096
+    # the folder name of the root says nothing about the model: no context from it
+    root = tmp_path / "models-16k"
+    root.mkdir()
+    (root / "m.rkllm").write_bytes(b"dummy")
+    assert registry_for(root).resolve("m").context_source == "default"
+
+
+def test_a_folder_wins_an_id_over_a_file_in_the_root(tmp_path, caplog):
+    add_model(tmp_path, "gemma-3-1b", "inside.rkllm")
+    (tmp_path / "gemma-3-1b.gguf").write_bytes(llama_gguf(2048))
+    with caplog.at_level(logging.WARNING):
+        [model] = registry_for(tmp_path).models()
+    assert os.path.basename(model.path) == "inside.rkllm"
+    assert "already has the id gemma-3-1b" in caplog.text
+
+
+def test_a_file_that_cannot_be_a_model_is_listed_unavailable(tmp_path, caplog):
+    (tmp_path / "longer.gguf").write_bytes(llama_gguf(2048) + b"\0")
+    (tmp_path / "half.gguf").write_bytes(llama_gguf(2048)[:50])
+    (tmp_path / "empty.rkllm").write_bytes(b"")
+    (tmp_path / "fine.rkllm").write_bytes(b"dummy")
+    with caplog.at_level(logging.WARNING):
+        models = {m.id: m for m in registry_for(tmp_path).models()}
+    assert models["fine"].available and models["longer"].available   # extra bytes are fine
+    assert "does not parse" in models["half"].problem and not models["half"].available
+    assert "empty file" in models["empty"].problem
+    assert all(str(tmp_path) not in m.problem for m in models.values())
+    assert f"model half ({tmp_path / 'half.gguf'}) is unavailable: GGUF header" in caplog.text
+
+
+def test_a_download_that_completes_is_picked_up(tmp_path):
+    whole = llama_gguf(2048)
+    path = tmp_path / "m.gguf"
+    path.write_bytes(whole[:len(whole) // 2])
+    registry = registry_for(tmp_path)
+    assert not registry.resolve("m").available
+    with open(path, "r+b") as handle:       # written in place: the root's mtime stays
+        handle.write(whole)
+    force_rescan(registry)
+    assert registry.resolve("m").available and registry.resolve("m").context_length == 2048
+
+
+# ---- MODEL_ALIASES ----
+def test_configured_aliases_name_local_models(tmp_path):
+    add_model(tmp_path, "qwen3-1.7b")
+    add_model(tmp_path, "gemma-3-4b-it")
+    registry = registry_for(tmp_path, model_aliases="gpt-4o-mini=qwen3-1.7b, GPT_4=gemma ,"
+                                                    "qwen=gemma-3-4b-it")
+    assert registry.resolve("gpt-4o-mini").id == "qwen3-1.7b"
+    assert registry.resolve("gpt-4").id == "gemma-3-4b-it"      # the target may be an alias
+    assert registry.resolve("qwen").id == "gemma-3-4b-it"       # wins over a derived alias
+    by_id = {m.id: m for m in registry.models()}
+    assert "gpt-4o-mini" in by_id["qwen3-1.7b"].aliases
+    assert "qwen" not in by_id["qwen3-1.7b"].aliases and "qwen" in by_id["gemma-3-4b-it"].aliases
+
+
+def test_configured_aliases_never_shadow_an_id_or_name_a_missing_model(tmp_path, caplog):
+    add_model(tmp_path, "alpha")
+    add_model(tmp_path, "beta")
+    with caplog.at_level(logging.WARNING):
+        registry = registry_for(tmp_path, model_aliases="alpha=beta,gpt-4=missing,broken")
+        assert registry.resolve("alpha").id == "alpha"
+        assert registry.resolve("gpt-4") is None
+    assert "missing" in caplog.text and "broken" in caplog.text
+
+
+def test_model_aliases_syntax_is_checked_strictly_at_startup():
+    assert parse_model_aliases("a=b, c = d ,") == {"a": "b", "c": "d"}
+    for bad in ("gpt-4o-mini", "=x", "x=", "a=b,c"):
+        with pytest.raises(ValueError, match="MODEL_ALIASES expects name=model"):
+            parse_model_aliases(bad)
 
 
 def test_rescan_sees_added_and_removed_folders(tmp_path):
@@ -315,13 +407,21 @@ def test_bundled_model_can_be_switched_off(tmp_path):
 
 
 @needs_bundled
-def test_default_model_prefers_setting_then_bundled_then_first(tmp_path):
-    add_model(tmp_path, "alpha")
-    add_model(tmp_path, "gemma-3-4b-it")
-    assert registry_for(tmp_path, include_bundled_model=True).default_model().bundled
-    assert registry_for(tmp_path).default_model().id == "alpha"
-    assert registry_for(tmp_path, default_model="gemma").default_model().id == "gemma-3-4b-it"
+def test_bundled_model_is_the_default_only_when_nothing_else_can_serve(tmp_path):
+    registry = registry_for(tmp_path, include_bundled_model=True)
+    assert registry.default_model().bundled                  # nothing else installed
+    add_model(tmp_path, "alpha", "alpha.gguf", llama_gguf(2048))
+    add_model(tmp_path, "zeta")                              # an NPU model
+    force_rescan(registry)
+    assert registry.default_model().id == "zeta"             # NPU first, then CPU, bundled last
+    os.remove(tmp_path / "zeta" / "model.rkllm")
+    (tmp_path / "zeta" / "model.rkllm").write_bytes(b"")     # unusable: skipped
+    force_rescan(registry)
+    assert registry.default_model().id == "alpha"
+    forced = registry_for(tmp_path, include_bundled_model=True, default_model=BUNDLED_MODEL_ID)
+    assert forced.default_model().bundled                    # DEFAULT_MODEL forces it
     assert registry_for(tmp_path, default_model="nonexistent").default_model().id == "alpha"
+    assert registry_for(tmp_path, default_model="zeta").default_model().id == "zeta"
 
 
 @needs_bundled

@@ -15,8 +15,8 @@ import pytest
 from rkllm_api.config import Settings
 from rkllm_ctypes import (STANDARD_LIBRARY_DIRS, RKLLMRuntime, choose_abi, find_library,
                           read_embedded_version)
-from rkllm_api.runtimes.base import (EventKind, FinishReason, RunMode, RunRequest, RuntimeLoadError,
-                     SamplingParams)
+from rkllm_api.runtimes.base import (EmbeddingInputError, EventKind, FinishReason, RunMode,
+                                     RunRequest, RuntimeLoadError, SamplingParams)
 
 WAIT_S = 30.0
 
@@ -317,14 +317,45 @@ def test_sampling_matching_the_init_values_counts_as_applied(npu_runtime):
     assert result.unapplied_sampling == ("seed",)
 
 
-def test_embedding_mode_mean_pools_the_hidden_layer(npu_runtime, rkllm_record):
-    one, two = npu_runtime.embed("alpha"), npu_runtime.embed("beta")
-    both = npu_runtime.embed("alpha beta")
-    assert both == pytest.approx([(a + b) / 2 for a, b in zip(one, two)], abs=1e-6)
+def test_embedding_mode_returns_every_row_of_the_hidden_layer(npu_runtime, rkllm_record):
+    (one,), (two,) = npu_runtime.hidden_states(["alpha"]), npu_runtime.hidden_states(["beta"])
+    both, = npu_runtime.hidden_states(["alpha beta"])
+    # the double's rows: one per prompt word, each derived from its word alone
+    assert both.shape == (2, 64) and one.shape == (1, 64)
+    assert both[0] == pytest.approx(one[0]) and both[1] == pytest.approx(two[0])
     assert rkllm_record.last("run")["mode"] == 1  # GET_LAST_HIDDEN_LAYER
     assert rkllm_record.last("run")["keep_history"] == 0
     result, events = collect(npu_runtime, "alpha", mode=RunMode.EMBED)
-    assert result.embedding == pytest.approx(one) and texts(events) == []
+    assert result.hidden_states == pytest.approx(one) and texts(events) == []
+    assert npu_runtime.embedding_width == 64 and npu_runtime.embedding_pooling is None
+
+
+def test_hidden_layer_output_is_released_on_1_3(npu_runtime, rkllm_record, rkllm_double_abi):
+    # rknn-llm issue 504: hidden-layer runs leak their output buffer unless the
+    # callback answers 2 (1.3 only; on 1.2 an answer of 1 would pause the run).
+    rows = npu_runtime.hidden_states(["one two three", "four"])
+    outputs = rkllm_record.entries("hidden_layer")
+    assert [o["num_tokens"] for o in outputs] == [3, 1]
+    if rkllm_double_abi == "1.3":
+        assert all(o["callback_return"] == 2 and o["released"] for o in outputs)
+        assert outputs[-1]["unreleased_outputs"] == 0
+    else:
+        assert all(o["callback_return"] == 0 and not o["released"] for o in outputs)
+    # the rows were copied before the release: the double zeroes released memory
+    assert all(abs(r).sum() > 0 for r in rows)
+
+
+def test_embedding_inputs_the_npu_cannot_take_are_refused(npu_runtime, rkllm_record):
+    for bad, message in ((["ok", ""], "empty"), ([[1, 2, 3]], "text only"),
+                         (["word " * 10_000], "tokens")):
+        with pytest.raises(EmbeddingInputError, match=message) as refused:
+            npu_runtime.hidden_states(bad)
+        assert refused.value.index == len(bad) - 1
+    long_text = "word " * 10_000
+    assert refused.value.too_long and refused.value.limit == npu_runtime.context_length
+    rows, = npu_runtime.hidden_states([long_text], truncate=True)
+    # cut to what the estimate lets through (the double counts words, not tokens)
+    assert 0 < rows.shape[0] < 10_000 and rows.shape[0] <= npu_runtime.context_length
 
 
 def test_model_level_calls_reach_the_library(npu_runtime, rkllm_record, tmp_path):

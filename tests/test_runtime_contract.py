@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 import time
 
+import numpy
 import pytest
 
 from rkllm_api.runtimes.base import EventKind, FinishReason, RunRequest, Runtime
@@ -243,11 +244,12 @@ def test_max_new_tokens_is_honoured(harness):
     assert sink.events[-1].finish_reason is FinishReason.LENGTH
 
 
-def test_embedding_has_the_hidden_layer_width(harness):
+def test_hidden_states_have_the_layer_width_and_one_row_per_token(harness):
     text = harness.turn_prompts[0]
-    vector = harness.runtime.embed(text)
-    assert len(vector) == harness.embedding_width
+    rows, other = harness.runtime.hidden_states([text, harness.turn_prompts[2]])
+    assert rows.ndim == 2 and rows.shape[0] >= 1 and rows.shape[1] == harness.embedding_width
     assert harness.runtime.embedding_width == harness.embedding_width
-    assert all(isinstance(v, float) and v == v for v in vector)  # no NaN
-    assert harness.runtime.embed(text) == pytest.approx(vector, rel=1e-5, abs=1e-6)
-    assert harness.runtime.embed(harness.turn_prompts[2]) != pytest.approx(vector)
+    assert not numpy.isnan(rows).any()
+    again, = harness.runtime.hidden_states([text])
+    assert numpy.array_equal(again, rows)        # same input, same rows, batch or not
+    assert other.shape != rows.shape or not numpy.allclose(other, rows)

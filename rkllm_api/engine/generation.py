@@ -13,6 +13,7 @@ from enum import Enum
 from typing import TYPE_CHECKING, Iterator, Optional, Union
 
 from rkllm_api.engine.kv_session import KvMode, KvTicket, is_built_prompt
+from rkllm_api.engine.observer import GenerationReport, notify
 from rkllm_api.engine.repetition import RepetitionGuard
 from rkllm_api.runtimes.base import (EventKind, FinishReason, PerfStats, RunRequest, RunResult,
                                      TokenEvent)
@@ -24,7 +25,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CANCEL_WAIT_SECONDS = 0.2   # cancel() returns after this even if the run has not ended
-STOP_WAIT_SECONDS = 3.0     # a limit or the guard waits this long for the run to end
+STOP_WAIT_SECONDS = 3.0     # the repetition guard waits this long for the run to end
+LIMIT_WAIT_SECONDS = 0.1    # a limit waits this long, then answers (the abort goes on)
+ABORT_GIVE_UP_SECONDS = 900.0  # background aborting of a run that will not stop ends here
 ABORT_REPEAT_SECONDS = 0.05  # abort() again this often: a run starting just after the
                              # first abort (runtimes reset the flag in run()) still stops
 
@@ -49,6 +52,8 @@ class GenerationJob:
     request_id: str
     conversation: object = None    # prompts.BuiltPrompt: the KV plan (None = send run as is)
     use_cache: str = ""            # a named prompt cache to load before the run
+    arrival: Optional[int] = None  # slots.ArrivalOrder number: the device queue's order
+    client_gone: object = None     # () -> bool: the client left (never start the run)
 
 
 @dataclass(frozen=True)
@@ -75,13 +80,19 @@ class _WorkerDone:
         self.failure = failure
 
 
+class _EndNow(_WorkerDone):
+    """Queue marker: end the stream now (shutdown), even while the runtime is still in
+    a call it cannot leave (a prefill on the NPU is not abortable)."""
+
+
 class Generation:
     """One request's run on a device. Iterate events() once; call cancel() when the
     client goes away (closing the events() generator early does the same). A
     Generation whose events() is never read keeps its slot until the run ends, so
     callers that give up before reading must cancel()."""
 
-    def __init__(self, engine: "Engine", slot: DeviceSlot, model, runtime, job: GenerationJob):
+    def __init__(self, engine: "Engine", slot: DeviceSlot, model, runtime, job: GenerationJob,
+                 submitted_at: Optional[float] = None):
         self.model = model
         self.job = job
         self.request_id = job.request_id
@@ -90,11 +101,13 @@ class Generation:
         self._settings = engine.settings
         self._slot = slot
         self._runtime = runtime
-        self._queue: queue.Queue = queue.Queue()
+        # SimpleQueue: put/get in C without Queue's Python-level condition (per token).
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._raw_result: Optional[RunResult] = None
         self._override: dict = {}
         self._lock = threading.Lock()
         self._abort_requested = threading.Event()
+        self._background_abort = False   # a thread keeps aborting a run that goes on
         self._running = threading.Event()
         self._iterated = False
         self._ticket: Optional[KvTicket] = None
@@ -102,6 +115,11 @@ class Generation:
         self.kv_mode: Optional[KvMode] = None
         self.unapplied_sampling = _unapplied_sampling(runtime, job.run)
         self.started_at = time.monotonic()
+        self.load_ms = 0.0   # time the engine spent loading the model for this run
+        # When the engine received the job (queue wait and model load included): what
+        # the time to first token counts from.
+        self.submitted_at = self.started_at if submitted_at is None else submitted_at
+        self._token_times: list = []     # monotonic time of each token the runtime sent
         self._worker = threading.Thread(target=self._work, daemon=True,
                                         name=f"generation-{job.request_id}")
 
@@ -128,6 +146,19 @@ class Generation:
         """Tokens the runtime actually prefilled (perf), once the run is over."""
         result = self._raw_result
         return result.perf.prefill_tokens if result is not None else None
+
+    @property
+    def constrains_output(self) -> bool:
+        """The runtime decodes under RunRequest.response_schema (a grammar), so the
+        answer cannot leave the schema while it is written."""
+        return bool(self._runtime.capabilities.constrained_output)
+
+    @property
+    def cache_dropped(self) -> str:
+        """A named cache this run asked for but could not use (it was removed); the run
+        prefilled the whole prompt instead. "" when none."""
+        ticket = self._ticket
+        return getattr(ticket, "dropped_cache", "") if ticket is not None else ""
 
     @property
     def kv_reused_tokens(self) -> int:
@@ -157,7 +188,11 @@ class Generation:
         with self._lock:
             if self.stop_cause is None:
                 self.stop_cause = StopCause.CANCELLED
-        self.abort_and_wait(CANCEL_WAIT_SECONDS)
+            aborting = self._background_abort
+        if aborting:
+            return   # a limit ended it already; its abort goes on in the background
+        if not self.abort_and_wait(CANCEL_WAIT_SECONDS):
+            self._abort_in_background()
 
     # ---- the event stream ----
     def events(self, report_drained: bool = False) -> Iterator[Union[TokenEvent, Heartbeat, Drained]]:
@@ -181,36 +216,46 @@ class Generation:
         settings = self._settings
         guard = RepetitionGuard(settings.repetition_window, settings.repetition_threshold)
         heartbeat = settings.heartbeat_seconds
+        total = settings.total_timeout
+        total_at = self.started_at + total if total and total > 0 else math.inf
         last_token: Optional[float] = None
         last_signal = self.started_at
         drained_told = False
         while True:
-            if report_drained and not drained_told and self._queue.empty():
-                drained_told = True
-                yield DRAINED
-            limit, limit_at = self._next_limit(last_token)
-            wait = limit_at - time.monotonic()
-            if heartbeat > 0:
-                wait = min(wait, last_signal + heartbeat - time.monotonic())
             try:
-                item = self._queue.get(timeout=None if wait == math.inf else max(0.0, wait))
-                drained_told = False
+                item = self._queue.get_nowait()   # fast path: no deadline arithmetic
             except queue.Empty:
-                now = time.monotonic()
-                if now >= limit_at:
-                    yield self._stop_for_limit(limit)
-                    return
-                if heartbeat > 0 and now >= last_signal + heartbeat:
-                    last_signal = now
-                    drained_told = False   # the heartbeat is to be written at once
-                    yield Heartbeat(now - self.started_at, last_token is None)
-                continue
+                if report_drained and not drained_told:
+                    drained_told = True
+                    yield DRAINED
+                    continue   # the reader wrote meanwhile: look at the queue again
+                limit, limit_at = self._next_limit(last_token)
+                wait = limit_at - time.monotonic()
+                if heartbeat > 0:
+                    wait = min(wait, last_signal + heartbeat - time.monotonic())
+                try:
+                    item = self._queue.get(timeout=None if wait == math.inf else max(0.0, wait))
+                except queue.Empty:
+                    now = time.monotonic()
+                    if now >= limit_at:
+                        yield self._stop_for_limit(limit)
+                        return
+                    if heartbeat > 0 and now >= last_signal + heartbeat:
+                        last_signal = now
+                        drained_told = False   # the heartbeat is to be written at once
+                        yield Heartbeat(now - self.started_at, last_token is None)
+                    continue
+            drained_told = False
             if isinstance(item, _WorkerDone):  # run() raised before sending FINISH/ERROR
-                yield TokenEvent(EventKind.ERROR, error=item.failure or "the run failed",
-                                 finish_reason=FinishReason.ERROR)
+                message = item.failure if isinstance(item, _EndNow) else \
+                    public_failure(self.request_id)   # the traceback is in the log
+                yield TokenEvent(EventKind.ERROR, error=message, finish_reason=FinishReason.ERROR)
                 return
             if item.kind is EventKind.TEXT:
                 last_token = last_signal = time.monotonic()
+                if last_token >= total_at:   # a steady stream still meets the total limit
+                    yield self._stop_for_limit(StopCause.TOTAL_TIMEOUT)
+                    return
                 if guard.feed(item.text):
                     yield self._stop_for_repetition()
                     return
@@ -242,7 +287,11 @@ class Generation:
                 StopCause.TOTAL_TIMEOUT: "generation exceeded"}[limit]
         message = f"{what} {seconds:g} s ({limit}); generation aborted"
         log.warning("request %s on %s: %s", self.request_id, self.model.id, message)
-        self._end_early(limit, finish_reason=FinishReason.ERROR, error=message)
+        # A runtime in a prefill it cannot leave would hold the answer for seconds:
+        # the client gets its error now, the abort goes on until the runtime returns
+        # (the device is freed then).
+        self._end_early(limit, wait=LIMIT_WAIT_SECONDS, finish_reason=FinishReason.ERROR,
+                        error=message)
         return TokenEvent(EventKind.ERROR, error=message, finish_reason=FinishReason.ERROR)
 
     def _stop_for_repetition(self) -> TokenEvent:
@@ -253,18 +302,35 @@ class Generation:
         return TokenEvent(EventKind.FINISH, finish_reason=FinishReason.STOP,
                           perf=result.perf if result else PerfStats())
 
-    def _end_early(self, cause: StopCause, **override) -> None:
+    def _end_early(self, cause: StopCause, wait: float = STOP_WAIT_SECONDS, **override) -> None:
         with self._lock:
             if self.stop_cause is None:
                 self.stop_cause = cause
             self._override = override
-        self.abort_and_wait(STOP_WAIT_SECONDS)
+        if not self.abort_and_wait(wait):
+            self._abort_in_background()
+
+    def _abort_in_background(self) -> None:
+        """Keep aborting a run that did not stop yet (a prefill cannot be interrupted;
+        an abort before the runtime began its run is reset by it) until it ends."""
+        with self._lock:
+            if self._background_abort or not self._worker.is_alive():
+                return
+            self._background_abort = True
+        threading.Thread(target=self.abort_and_wait, args=(ABORT_GIVE_UP_SECONDS,),
+                         daemon=True, name=f"abort-{self.request_id}").start()
 
     def _final_event(self, event: TokenEvent) -> TokenEvent:
-        """The runtime's FINISH/ERROR, unless shutdown aborted the run: then an ERROR."""
+        """The runtime's FINISH/ERROR, unless shutdown aborted the run: then an ERROR.
+        A runtime's own error text may name files and libraries: it goes to the log,
+        the client gets a message that does not."""
         if self.stop_cause is StopCause.SHUTDOWN:
             return TokenEvent(EventKind.ERROR, error="server is shutting down",
                               finish_reason=FinishReason.ERROR, perf=event.perf)
+        if event.kind is EventKind.ERROR:
+            log.error("request %s on %s: runtime error: %s", self.request_id, self.model.id,
+                      event.error)
+            return replace(event, error=public_failure(self.request_id))
         return event
 
     # ---- the worker ----
@@ -276,6 +342,8 @@ class Generation:
         with self._lock:
             self.stop_cause = self.stop_cause or cause
         self._abort_requested.set()
+        if cause is StopCause.SHUTDOWN:
+            self._queue.put(_EndNow("server is shutting down"))
 
     def _work(self) -> None:
         result, failure = None, None
@@ -289,7 +357,7 @@ class Generation:
                 try:
                     run, self._ticket = self._slot.kv.prepare(self._runtime, self.job)
                     self.kv_mode = self._ticket.mode
-                    result = self._runtime.run(run, self._queue.put)
+                    result = self._runtime.run(run, self._timed_sink())
                 finally:
                     self._running.clear()
         except Exception as exc:  # a runtime bug must not leave the slot taken
@@ -302,7 +370,40 @@ class Generation:
             self._slot.kv.after_run(self._ticket, result)
             self._queue.put(_WorkerDone(failure))
             self._log_result(result)
+            if result is not None:
+                notify(self._engine.observer, "generation_finished", self._report())
             self._engine._generation_finished(self._slot, self)
+
+    def _timed_sink(self):
+        """The runtime's event sink: the queue's put, plus the time of each token (for
+        the time to first token and the gaps between tokens). Kept to an append per
+        token; the observer hears of the first token only."""
+        put, stamp, times, text = self._queue.put, self._token_times.append, self._token_times, EventKind.TEXT
+        clock = time.monotonic
+
+        def sink(event):
+            if event.kind is text:
+                now = clock()
+                if not times:
+                    notify(self._engine.observer, "first_token", self.model.id,
+                           self._slot.device, now - self.submitted_at)
+                stamp(now)
+            put(event)
+        return sink
+
+    def _report(self) -> GenerationReport:
+        result, times = self.result, self._token_times
+        perf = result.perf
+        finish = str(self.stop_cause) if self.stop_cause else result.finish_reason.value
+        reused = self.kv_reused_tokens
+        return GenerationReport(
+            model=self.model.id, device=self._slot.device, finish=finish,
+            kv_mode=str(self.kv_mode or "-"), prompt_tokens=perf.prefill_tokens + reused,
+            prefilled_tokens=perf.prefill_tokens, reused_tokens=reused,
+            generated_tokens=perf.generate_tokens, prefill_seconds=perf.prefill_ms / 1000,
+            decode_seconds=perf.generate_ms / 1000,
+            time_to_first_token=times[0] - self.submitted_at if times else None,
+            token_gaps=tuple(later - earlier for earlier, later in zip(times, times[1:])))
 
     def abort_and_wait(self, budget: float) -> bool:
         """Abort the run (repeatedly, see ABORT_REPEAT_SECONDS) and wait up to
@@ -333,6 +434,12 @@ class Generation:
                  f" ({self.stop_cause})" if self.stop_cause else "", self.kv_mode or "-",
                  perf.prefill_tokens, perf.prefill_ms, perf.generate_tokens, perf.generate_ms,
                  time.monotonic() - self.started_at)
+
+
+def public_failure(request_id: str) -> str:
+    """What a client is told when the runtime failed: no paths, no library names."""
+    return (f"the model failed while answering (request {request_id}); "
+            f"the server log has the details")
 
 
 def _unapplied_sampling(runtime, run: RunRequest) -> tuple:

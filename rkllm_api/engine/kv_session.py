@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Optional
 
 from rkllm_api.config import Settings
 from rkllm_api.engine import kvcache
-from rkllm_api.engine.errors import CacheNotFound
+from rkllm_api.engine.errors import CacheDamaged, CacheNotFound
 from rkllm_api.runtimes.base import FinishReason, RunRequest, RunResult
 from rkllm_api.text import prompts, tools
 
@@ -57,6 +57,7 @@ class KvTicket:
     prefix: tuple = ()           # key entries of a named cache beneath the conversation
     snapshot_path: str = ""      # the NPU saves the prefilled state here during the run
     keep_history: bool = False
+    dropped_cache: str = ""      # a named cache asked for that could not be used (removed)
 
 
 class KvSession:
@@ -126,21 +127,31 @@ class KvSession:
 
     def _prepare_conversation(self, runtime, job: GenerationJob, built, serial: int) -> tuple:
         services = self.services
-        prefix = services.named_prefix(self.model, job.use_cache)
+        dropped = ""
+        if job.use_cache and not services.named_cache_usable(self.model, job.use_cache):
+            # Damaged or gone since the request checked it: the whole prompt instead.
+            dropped, job = job.use_cache, replace(job, use_cache="")
+        # A turn computed with a LoRA adapter is another conversation than the same
+        # text without it (or with another adapter or scale): the adapter is in the key.
+        prefix = services.named_prefix(self.model, job.use_cache) + adapter_prefix(job.run)
         history = prefix + built.history_key
         run = replace(job.run, keep_history=True)
-        ticket = KvTicket(serial, KvMode.FULL, built, prefix, keep_history=True)
+        ticket = KvTicket(serial, KvMode.FULL, built, prefix, keep_history=True,
+                          dropped_cache=dropped)
         if services.settings.kv_reuse and built.tail_text:
-            if self.known and self.key == history and self._has_room(runtime, built, run):
-                ticket.mode = KvMode.REUSE
-                run = replace(run, prompt=built.tail_text, role=built.tail_role)
+            if self.known and self.key == history:
+                # Held, but too full to take the tail and an answer: start over (a
+                # snapshot of this conversation would be just as full).
+                if self._has_room(runtime, built, run):
+                    ticket.mode = KvMode.REUSE
+                    run = replace(run, prompt=built.tail_text, role=built.tail_role)
             else:
                 resumed = self._resume(runtime, history, built, run)
                 if resumed is not None:
                     ticket.mode, run = KvMode.RESUME, resumed
         if ticket.mode is KvMode.FULL:
             self._leave(runtime)
-            run = self._fresh_start(runtime, job, built, run)
+            run = self._fresh_start(runtime, job, built, run, ticket)
         if services.snapshots_at_prefill(runtime):
             ticket.snapshot_path = services.snapshots.new_path(self.model.id)
             run = replace(run, prompt_cache_save_path=ticket.snapshot_path)
@@ -182,6 +193,17 @@ class KvSession:
             prompt = f"Assistant: {snapshot.missing_answer}\n\nUser: {built.tail_text}"
         return replace(run, prompt=prompt, role=built.tail_role)
 
+    def clear_for_standalone(self, runtime) -> None:
+        """Work that must see no other context runs next outside a generation (an
+        embedding where hidden-layer runs share the KV cache): snapshot the
+        conversation so it can resume, and empty the cache. An answer not committed
+        yet is dropped, as when a standalone turn comes first."""
+        with self.lock:
+            self._serial += 1
+            self._pending = None
+        self._leave(runtime)
+        self._reset_to(runtime, None)
+
     def leave_for_other_work(self, runtime) -> None:
         """Another kind of work is about to replace the cache: snapshot the conversation."""
         self._leave(runtime)
@@ -200,15 +222,28 @@ class KvSession:
         if self.services.save_snapshot(runtime, path):
             store.put(kvcache.Snapshot(self.model.id, path, holds=key, resumes=key))
 
-    def _fresh_start(self, runtime, job: GenerationJob, built, run: RunRequest) -> RunRequest:
+    def _fresh_start(self, runtime, job: GenerationJob, built, run: RunRequest,
+                     ticket: Optional[KvTicket] = None) -> RunRequest:
         """Reset the cache (to a named or system prompt cache when one applies) and
-        return the run carrying the whole prompt."""
+        return the run carrying the whole prompt. A named cache the runtime refuses
+        is removed, and the run goes on without it (the ticket says so)."""
         services = self.services
         if job.use_cache:
             path = services.named_cache_path(self.model, job.use_cache)
-            self._reset_to(runtime, (CacheBase.NAMED, path))
-            return replace(run, prompt=built.text, role="user")
-        path = services.system_cache_file(self.model, built.system)
+            try:
+                self._reset_to(runtime, (CacheBase.NAMED, path))
+                return replace(run, prompt=built.text, role="user")
+            except Exception as exc:
+                log.warning("named cache %s does not load, removed: %s", path, exc)
+                services.prompt_caches.delete_named(self.model.id, job.use_cache)
+                with self.lock:
+                    self.known = False
+                if ticket is not None:
+                    ticket.dropped_cache, ticket.prefix = job.use_cache, adapter_prefix(job.run)
+                job = replace(job, use_cache="")
+        # The system prompt cache holds the base model's KV: never beneath an adapter.
+        path = None if job.run.lora_adapter else services.system_cache_file(self.model,
+                                                                             built.system)
         if path is not None and not os.path.isfile(path):
             with self.lock:
                 self.known = False   # the extra run below replaces the cache content
@@ -222,6 +257,7 @@ class KvSession:
                 return replace(run, prompt=built.conversation_text, role="user")
             except Exception as exc:  # a stale or corrupt file: prefill it all instead
                 log.warning("system prompt cache %s not usable: %s", path, exc)
+                services.prompt_caches.discard_system(path)
                 with self.lock:
                     self.known = False
         self._reset_to(runtime, None)
@@ -277,6 +313,13 @@ class KvSession:
             return {"known": self.known,
                     "holds_conversation": self.known and self.key is not None,
                     "prompt_cache": self.base[0] if self.base else None}
+
+
+def adapter_prefix(run: RunRequest) -> tuple:
+    """The KV key entry of a run's LoRA adapter and scale (none without one)."""
+    if not run.lora_adapter:
+        return ()
+    return (("lora", run.lora_adapter, round(float(run.lora_scale), 6)),)
 
 
 def is_built_prompt(value) -> bool:
@@ -352,6 +395,14 @@ class KvServices:
         if not name:
             return ()
         return ((CacheBase.NAMED, name, kvcache.model_identity(model.path)),)
+
+    def named_cache_usable(self, model, name: str) -> bool:
+        """The named cache is there and intact (a damaged one is removed)."""
+        try:
+            self.named_cache_path(model, name)
+            return True
+        except (CacheNotFound, CacheDamaged):
+            return False
 
     def named_cache_path(self, model, name: str) -> str:
         cache = self.prompt_caches.named(model.id, model.path, name) if self.prompt_caches else None

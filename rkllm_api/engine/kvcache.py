@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -28,6 +29,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 from typing import Optional
+
+from rkllm_api.engine.errors import CacheDamaged
+
+log = logging.getLogger(__name__)
 
 CACHE_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$")
 SYSTEM_CACHES_PER_MODEL = 4   # older system-prompt caches of a model are deleted
@@ -185,6 +190,10 @@ class PromptCacheFiles:
         for path in stale + fresh[SYSTEM_CACHES_PER_MODEL:]:
             _remove(path)
 
+    def discard_system(self, path: str) -> None:
+        """A system cache that failed to load goes, so the next full start rebuilds it."""
+        _remove(path)
+
     def preload_path(self, model_id: str, model_path: str) -> Optional[str]:
         """The system cache to load with the model, when it is valid for this model file."""
         marker = _read_json(os.path.join(self.directory, _safe_dir(model_id), "system.json"))
@@ -201,19 +210,33 @@ class PromptCacheFiles:
         path = self.named_path(model_id, name)
         _write_json(path[:-len(".cache")] + ".json",
                     {"prompt_tokens": int(prompt_tokens), "created": int(time.time()),
-                     "identity": model_identity(model_path)})
+                     "identity": model_identity(model_path), "size_bytes": _size(path)})
         return self.named(model_id, model_path, name)
 
     def named(self, model_id: str, model_path: str, name: str) -> Optional[NamedCache]:
-        """The cache, or None when it is missing or was made from another model file."""
+        """The cache, or None when it is missing or was made from another model file.
+        A cache whose file is no longer the size it was saved with (cut short by a full
+        disk, overwritten) is removed and CacheDamaged raised: loading it could hand
+        the runtime a broken state."""
         path = self.named_path(model_id, name)
         meta = _read_json(path[:-len(".cache")] + ".json")
         if not meta or not os.path.isfile(path):
             return None
         if meta.get("identity") != model_identity(model_path):
             return None
-        return NamedCache(model_id, name, path, _size(path), int(meta.get("prompt_tokens", 0)),
-                          int(meta.get("created", 0)), meta["identity"])
+        size = _size(path)
+        try:
+            tokens, created = int(meta.get("prompt_tokens", 0)), int(meta.get("created", 0))
+            saved_size = meta.get("size_bytes")
+            intact = saved_size is None or int(saved_size) == size
+        except (TypeError, ValueError):
+            intact = False
+        if not intact or size == 0:
+            log.warning("named cache %s is damaged (size %d, saved %r): removed", path, size,
+                        meta.get("size_bytes"))
+            self.delete_named(model_id, name)
+            raise CacheDamaged(model_id, name)
+        return NamedCache(model_id, name, path, size, tokens, created, meta["identity"])
 
     def list_named(self, model_id: str, model_path: str) -> list:
         folder = os.path.join(self.directory, _safe_dir(model_id), "named")
@@ -224,7 +247,10 @@ class PromptCacheFiles:
         found = []
         for name in names:
             if CACHE_NAME_PATTERN.match(name):
-                cache = self.named(model_id, model_path, name)
+                try:
+                    cache = self.named(model_id, model_path, name)
+                except CacheDamaged:
+                    continue   # removed: no longer listed
                 if cache is not None:
                     found.append(cache)
         return found

@@ -20,35 +20,46 @@ QueueFull) to 503 + Retry-After, ModelNotFound to 404, ModelLoadFailed to 500.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from dataclasses import replace
 from typing import Optional
 
-from rkllm_api.engine import kvcache
-from rkllm_api.engine.errors import (CacheNotFound, EngineError, ModelLoadFailed, ModelNotFound,
+from rkllm_api.engine import embedding, kvcache
+from rkllm_api.engine.errors import (AdapterNotFound, CacheConflict, CacheNotFound,
+                                     CacheTooLarge, EngineError, InvalidWork,
+                                     ModelLoadFailed, ModelNotFound, ModelUnavailable,
                                      ShuttingDown)
 from rkllm_api.engine.generation import Generation, GenerationJob, StopCause
 from rkllm_api.engine.kv_session import CacheBase, KvServices, release_prompt_cache
-from rkllm_api.engine.slots import DeviceSlot
-from rkllm_api.models import sampling
-from rkllm_api.runtimes.base import check_runtime
+from rkllm_api.engine.observer import EngineObserver, notify
+from rkllm_api.engine.slots import ArrivalOrder, DeviceSlot
+from rkllm_api.models import adapters, sampling
+from rkllm_api.runtimes.base import EmbeddingInputError, check_runtime
 from rkllm_api.runtimes.factory import open_runtime
 
 log = logging.getLogger(__name__)
 
 DEVICES = ("npu", "cpu")
+EMBED_CHUNK = 8   # inputs per runtime call in embed(); shutdown is checked between calls
 
 
 class Engine:
     """Loads models on demand and runs generations, one per device at a time."""
 
-    def __init__(self, settings, registry, runtime_factory=open_runtime):
+    def __init__(self, settings, registry, runtime_factory=open_runtime,
+                 observer: Optional[EngineObserver] = None):
         self.settings = settings
         self.registry = registry
         self._runtime_factory = runtime_factory
+        # Told of queue waits, loads, first tokens and finished runs (metrics.py).
+        self.observer = observer or EngineObserver()
         self.kv_services = KvServices.from_settings(settings)
-        self._slots = {device: DeviceSlot(device, self.kv_services) for device in DEVICES}
+        # One numbering of arrivals for both devices: the HTTP worker issues the numbers.
+        self.arrivals = ArrivalOrder()
+        self._slots = {device: DeviceSlot(device, self.kv_services, self.arrivals)
+                       for device in DEVICES}
         self._stopping = False
         self._stop_event = threading.Event()
         self._monitor: Optional[threading.Thread] = None
@@ -58,22 +69,23 @@ class Engine:
 
     # ---- lifecycle ----
     def start(self) -> None:
-        """Prepare the KV folders and start the idle-unload monitor (none when
-        IDLE_UNLOAD_TIMEOUT is 0). The constructor touches nothing on disk."""
+        """Prepare the KV folders and start the idle-unload monitor (it unloads only
+        models idle past IDLE_UNLOAD_TIMEOUT, or past the keep-alive a client set).
+        The constructor touches nothing on disk."""
         if self._started:
             return
         self._started = True
         self.kv_services.start()
-        if self.settings.idle_unload_seconds <= 0:
-            return
         self._monitor = threading.Thread(target=self._watch_idle, name="engine-idle-monitor",
                                          daemon=True)
         self._monitor.start()
 
-    def shutdown(self, timeout: float = 8.0) -> None:
-        """Refuse new work, abort running generations, wait for their workers, close
-        every runtime. Returns within `timeout`; a runtime whose run would not end is
-        left open (closing it under a running C call would crash the process)."""
+    def shutdown(self, timeout: float = 8.0) -> bool:
+        """Refuse new work, abort running generations (their streams end at once), wait
+        for their workers, close every runtime. Returns within `timeout`: True when
+        every runtime was closed, False when a run would not end (a prefill cannot be
+        aborted) and its runtime was left open, since closing it under a running C call
+        would crash the process; the process may then exit without waiting for it."""
         deadline = time.monotonic() + timeout
         self._stopping = True
         self._stop_event.set()
@@ -86,43 +98,51 @@ class Engine:
             generation.request_stop(StopCause.SHUTDOWN)
         for generation in running:
             generation.abort_and_wait(max(0.0, deadline - time.monotonic()))
-        for slot in self._slots.values():
-            self._close_at_shutdown(slot, deadline)
+        closed = [self._close_at_shutdown(slot, deadline) for slot in self._slots.values()]
         if self._monitor is not None:
             self._monitor.join(max(0.0, deadline - time.monotonic()))
-        log.info("engine stopped")
+        log.info("engine stopped%s", "" if all(closed) else " (a runtime was left running)")
+        return all(closed)
 
-    def _close_at_shutdown(self, slot: DeviceSlot, deadline: float) -> None:
+    def _close_at_shutdown(self, slot: DeviceSlot, deadline: float) -> bool:
         with slot.cond:
             while slot.holder is not None and time.monotonic() < deadline:
                 slot.cond.wait(max(0.0, min(0.05, deadline - time.monotonic())))
             if slot.holder is not None:
                 log.error("%s still busy (%s) at shutdown: runtime left open",
                           slot.device, slot.holder)
-                return
+                return False
             slot.take("shutdown")
         try:
             self._close_runtime(slot, "shutdown")
         finally:
             slot.release()
+        return True
 
     # ---- generation ----
     def generate(self, job: GenerationJob) -> Generation:
-        """Wait (FIFO, bounded) for the model's device, load the model if needed and
+        """Wait (in arrival order, bounded) for the model's device, load the model if needed and
         start the run. Raises ModelNotFound, QueueFull, QueueTimeout, ShuttingDown
         or ModelLoadFailed; the slot is never left taken when it raises."""
         if self._stopping:
             raise ShuttingDown()
+        received = time.monotonic()
         model = self._resolve(job.model)
         if job.run.enable_thinking and "thinking" not in model.capabilities:
             job = replace(job, run=replace(job.run, enable_thinking=False))
-        slot = self._acquire(model, job.request_id)
+        slot = self._acquire(model, job.request_id, job.arrival, job.client_gone)
+        notify(self.observer, "queue_waited", slot.device, time.monotonic() - received)
         try:
+            loading_from, resident = time.monotonic(), slot.runtime
             runtime = self._ensure_loaded(slot, model)
+            load_ms = 0.0 if runtime is resident else (time.monotonic() - loading_from) * 1000.0
             if self._stopping:  # shutdown began while the model loaded
                 self._close_runtime(slot, "shutdown")
                 raise ShuttingDown()
-            generation = Generation(self, slot, model, runtime, job)
+            if job.run.lora_adapter:
+                self._load_adapter(runtime, model, job.run)
+            generation = Generation(self, slot, model, runtime, job, submitted_at=received)
+            generation.load_ms = load_ms
             with slot.cond:
                 slot.generation = generation
             with self._active_lock:
@@ -133,6 +153,96 @@ class Engine:
             raise
         log.info("request %s started on %s/%s", job.request_id, slot.device, model.id)
         return generation
+
+    def _load_adapter(self, runtime, model, run) -> None:
+        """Make the run's LoRA adapter usable on the runtime (loaded once per adapter,
+        and per scale where the runtime fixes the scale at load)."""
+        if not runtime.capabilities.lora:
+            raise InvalidWork(f"the {model.device.upper()} runtime of {model.id!r} cannot "
+                              "apply LoRA adapters", "lora", "lora_unsupported")
+        adapter = adapters.find(model, run.lora_adapter)
+        if adapter is None:
+            raise AdapterNotFound(model.id, run.lora_adapter,
+                                  tuple(a.name for a in adapters.of(model)))
+        try:
+            runtime.load_lora(adapter.path, adapter.name, run.lora_scale)
+        except Exception as exc:
+            raise EngineError(f"the LoRA adapter {adapter.name!r} could not be loaded: "
+                              f"{exc}") from exc
+
+    # ---- embeddings ----
+    def embed(self, model: str, inputs, *, dimensions: Optional[int] = None,
+              truncate: bool = False, request_id: str = "") -> embedding.EmbeddingResult:
+        """Embed each input (a text, or a sequence of token ids where the runtime takes
+        them) with a model: its last hidden layer, pooled and L2-normalised once
+        (engine/embedding.py), one vector per input, in order. `dimensions` keeps that
+        many leading values (normalised again); `truncate` cuts an input longer than
+        the runtime takes instead of refusing it.
+
+        Takes the model's device slot like a generation (FIFO, bounded), for the whole
+        batch. The KV cache is left alone where embeddings run in a context of their
+        own (CPU); where they share it (NPU) the conversation is snapshotted and the
+        cache emptied first, as for a standalone turn, so the same input always gives
+        the same vector. Raises ModelNotFound, the queue errors, ModelLoadFailed,
+        InvalidWork (a 400: nothing to embed, an input too long or not accepted, a
+        width above the model's, a model that cannot embed) or EngineError."""
+        inputs = list(inputs)
+        if not inputs:
+            raise InvalidWork("there is nothing to embed", "input")
+        if dimensions is not None and dimensions < 1:
+            raise InvalidWork("'dimensions' must be at least 1", "dimensions")
+        if self._stopping:
+            raise ShuttingDown()
+        info = self._resolve(model)
+        slot = self._acquire(info, f"embed:{request_id or info.id}")
+        try:
+            runtime = self._ensure_loaded(slot, info)
+            self._check_embedding_inputs(runtime, info, inputs)
+            if runtime.capabilities.embeddings_share_context:
+                slot.kv.clear_for_standalone(runtime)
+            rows = self._hidden_states(runtime, inputs, truncate)
+            pooling = embedding.pooling_for(info, runtime.embedding_pooling)
+        finally:
+            slot.release()
+        width = int(rows[0].shape[1])
+        if dimensions is not None and dimensions > width:
+            raise InvalidWork(f"'dimensions' may be at most {width} for {info.id!r}",
+                              "dimensions")
+        vectors = [embedding.embedding_vector(r, pooling, dimensions) for r in rows]
+        return embedding.EmbeddingResult(info, vectors, sum(len(r) for r in rows), pooling, width)
+
+    @staticmethod
+    def _check_embedding_inputs(runtime, info, inputs: list) -> None:
+        capabilities = runtime.capabilities
+        if not capabilities.embeddings:
+            raise InvalidWork(f"the model {info.id!r} cannot embed", "model",
+                              "model_not_embedding_capable")
+        for index, item in enumerate(inputs):
+            if isinstance(item, str):
+                if not item:
+                    raise InvalidWork("an input is an empty string", f"input[{index}]")
+            elif not capabilities.embeddings_take_tokens:
+                raise InvalidWork(f"the {info.device.upper()} runtime of {info.id!r} embeds "
+                                  "text only, not token ids", f"input[{index}]")
+            elif not item:
+                raise InvalidWork("an input is an empty token array", f"input[{index}]")
+
+    def _hidden_states(self, runtime, inputs: list, truncate: bool) -> list:
+        """The runtime's rows for every input, a few inputs per call so a shutdown
+        does not wait for a whole large batch."""
+        rows = []
+        for start in range(0, len(inputs), EMBED_CHUNK):
+            if self._stopping:
+                raise ShuttingDown()
+            try:
+                rows += runtime.hidden_states(inputs[start:start + EMBED_CHUNK], truncate)
+            except EmbeddingInputError as exc:
+                raise InvalidWork(str(exc), f"input[{start + exc.index}]",
+                                  "context_length_exceeded" if exc.too_long else "") from exc
+            except Exception as exc:
+                log.exception("embedding failed")
+                raise EngineError(f"embedding failed: {exc}") from exc
+        return rows
 
     def _generation_finished(self, slot: DeviceSlot, generation: Generation) -> None:
         with self._active_lock:
@@ -177,14 +287,28 @@ class Engine:
     # ---- named prompt caches (/v1/cache/<model>/<name>) ----
     def save_prompt_cache(self, model: str, name: str, prompt: str):
         """Prefill prompt alone on the model and save its KV state as the named cache;
-        returns kvcache.NamedCache. Raises ModelNotFound, kvcache.CacheNameError, the
-        queue errors, ModelLoadFailed, or EngineError when the runtime fails."""
+        returns kvcache.NamedCache. Raises ModelNotFound, kvcache.CacheNameError,
+        CacheConflict (the name is taken, or NAMED_CACHE_MAX_COUNT reached),
+        PromptTooLong (the prompt does not fit the context), CacheTooLarge (over
+        NAMED_CACHE_MAX_MB: not kept), the queue errors, ModelLoadFailed, or
+        EngineError when the runtime fails."""
+        from rkllm_api.text import prompts
         kvcache.check_cache_name(name)
         info = self._resolve(model)
         files = self.kv_services.prompt_caches
+        self._check_cache_room(info, name)
+        tokens = prompts.estimate_tokens(prompt)
+        if tokens > info.context_length * self.settings.context_overflow_tolerance:
+            raise prompts.PromptTooLong(tokens, info.context_length, True, param="prompt")
         slot = self._acquire(info, f"cache:{info.id}")
         try:
             runtime = self._ensure_loaded(slot, info)
+            counted = runtime.count_tokens(prompt)
+            if counted is not None:
+                tokens = counted
+                if counted >= info.context_length:
+                    raise prompts.PromptTooLong(counted, info.context_length, False,
+                                                param="prompt")
             slot.kv.leave_for_other_work(runtime)
             saved = self.kv_services.prefill_to_file(runtime, prompt,
                                                      files.named_path(info.id, name))
@@ -193,14 +317,42 @@ class Engine:
             slot.release()
         if not saved:
             raise EngineError(f"the runtime could not save the prompt cache {name!r}")
-        tokens = runtime.count_tokens(prompt)
-        if tokens is None:
-            from rkllm_api.text import prompts
-            tokens = prompts.estimate_tokens(prompt)
-        return files.save_named(info.id, info.path, name, tokens)
+        return self._keep_within_limits(info, files.save_named(info.id, info.path, name, tokens))
+
+    def _check_cache_room(self, info, name: str) -> None:
+        caches = self.kv_services.prompt_caches.list_named(info.id, info.path)
+        if any(cache.name == name for cache in caches):
+            raise CacheConflict(f"the prompt cache {name!r} of model {info.id!r} already "
+                                f"exists; delete it first to replace it")
+        limit = self.settings.named_cache_max_count
+        if len(caches) >= limit:
+            raise CacheConflict(f"model {info.id!r} already has {len(caches)} named prompt "
+                                f"caches, the most NAMED_CACHE_MAX_COUNT ({limit}) allows; "
+                                f"delete one first")
+
+    def _keep_within_limits(self, info, cache):
+        """The new cache, unless it brought the model over a limit: then it is deleted
+        (two creates at once can both have passed the count check)."""
+        files = self.kv_services.prompt_caches
+        caches = files.list_named(info.id, info.path)
+        total_mb = sum(c.size_bytes for c in caches) / (1024 * 1024)
+        limit_mb = self.settings.named_cache_max_mb
+        limit_count = self.settings.named_cache_max_count
+        if total_mb > limit_mb:
+            files.delete_named(info.id, cache.name)
+            raise CacheTooLarge(f"the prompt cache {cache.name!r} "
+                                f"({cache.size_bytes / 1048576:.1f} MB) would bring model "
+                                f"{info.id!r}'s named caches to {total_mb:.1f} MB, over "
+                                f"NAMED_CACHE_MAX_MB ({limit_mb}); it was not kept")
+        if len(caches) > limit_count:
+            files.delete_named(info.id, cache.name)
+            raise CacheConflict(f"model {info.id!r} already has {limit_count} named prompt "
+                                f"caches (NAMED_CACHE_MAX_COUNT); delete one first")
+        return cache
 
     def prompt_cache(self, model: str, name: str):
-        """The named cache (kvcache.NamedCache); CacheNotFound / ModelNotFound otherwise."""
+        """The named cache (kvcache.NamedCache); CacheNotFound / ModelNotFound otherwise,
+        CacheDamaged when its file was damaged (it is removed then)."""
         kvcache.check_cache_name(name)
         info = self._resolve(model)
         cache = self.kv_services.prompt_caches.named(info.id, info.path, name)
@@ -217,6 +369,34 @@ class Engine:
         info = self._resolve(model)
         if not self.kv_services.prompt_caches.delete_named(info.id, name):
             raise CacheNotFound(info.id, name)
+
+    def keep_alive(self, model: str, seconds: Optional[float]) -> list:
+        """How long `model` stays loaded once idle, from now on (Ollama's keep_alive):
+        None = IDLE_UNLOAD_TIMEOUT, math.inf = until unloaded or replaced, 0 = unload
+        now (waits for a run on its device). Returns the ids unloaded."""
+        if seconds == 0:
+            return self.unload(model)
+        info = self._resolve(model)
+        for slot in self._slots.values():
+            with slot.cond:
+                if slot.model is not None and slot.model.id == info.id:
+                    slot.keep_alive = seconds
+                    slot.last_used = time.monotonic() if slot.holder is None else slot.last_used
+        return []
+
+    def resident_models(self) -> list:
+        """The loaded models: [(ModelInfo, device, seconds until the idle monitor
+        unloads it, or None for never)]. A busy model's countdown starts when it is done."""
+        resident = []
+        for device, slot in self._slots.items():
+            limit = self._idle_limit(slot)
+            with slot.cond:
+                if slot.model is None:
+                    continue
+                idle = 0.0 if slot.holder is not None else time.monotonic() - slot.last_used
+                left = None if limit is None else max(0.0, limit - idle)
+                resident.append((slot.model, device, left))
+        return resident
 
     def loaded_models(self) -> list:
         result = []
@@ -251,19 +431,26 @@ class Engine:
 
     # ---- internals ----
     def _resolve(self, name: str):
+        """The model to run; a listed model whose file cannot be served is refused
+        before anything loads it (its problem names no path)."""
         info = self.registry.resolve(name) if name else self.registry.default_model()
         if info is None:
-            raise ModelNotFound(name or "(default)")
+            raise ModelNotFound(name or "(default)", known=tuple(self.registry.ids()))
+        if info.problem:
+            raise ModelUnavailable(info.id, info.problem)
         return info
 
-    def _acquire(self, model, label: str) -> DeviceSlot:
+    def _acquire(self, model, label: str, arrival: Optional[int] = None,
+                 client_gone=None) -> DeviceSlot:
         slot = self._slots[model.device]
-        self._wait_for_slot(slot, label)
+        self._wait_for_slot(slot, label, arrival, client_gone)
         return slot
 
-    def _wait_for_slot(self, slot: DeviceSlot, label: str) -> None:
+    def _wait_for_slot(self, slot: DeviceSlot, label: str, arrival: Optional[int] = None,
+                       client_gone=None) -> None:
         slot.acquire(label, self.settings.queue_timeout_seconds,
-                     self.settings.queue_max_length, lambda: self._stopping)
+                     self.settings.queue_max_length, lambda: self._stopping,
+                     arrival=arrival, client_gone=client_gone)
 
     def _ensure_loaded(self, slot: DeviceSlot, model):
         """The slot's runtime for `model`, loading it (after closing another) if needed.
@@ -289,7 +476,10 @@ class Engine:
         with slot.cond:
             slot.runtime, slot.model = runtime, model
             slot.kv.reset(model, base)
-        log.info("loaded %s on %s in %.1f s", model.id, slot.device, time.monotonic() - started)
+            slot.keep_alive = None
+        seconds = time.monotonic() - started
+        log.info("loaded %s on %s in %.1f s", model.id, slot.device, seconds)
+        notify(self.observer, "model_loaded", model.id, slot.device, seconds)
         return runtime
 
     def _preload_system_cache(self, runtime, model) -> Optional[tuple]:
@@ -301,6 +491,7 @@ class Engine:
             runtime.load_prompt_cache(path)
         except Exception as exc:
             log.warning("preloading the system prompt cache %s failed: %s", path, exc)
+            self.kv_services.prompt_caches.discard_system(path)   # rebuilt at next use
             release_prompt_cache(runtime)
             runtime.clear_kv_cache()
             return None
@@ -312,22 +503,36 @@ class Engine:
             runtime, model = slot.runtime, slot.model
             slot.runtime, slot.model = None, None
             slot.kv.reset()
+            slot.keep_alive = None
         if runtime is None:
             return
         if self.kv_services.snapshots is not None and model is not None:
             self.kv_services.snapshots.forget_model(model.id)
         log.info("unloading %s from %s: %s", model.id if model else "?", slot.device, reason)
+        notify(self.observer, "model_unloaded", model.id if model else "?", slot.device)
         try:
             runtime.close()
         except Exception:
             log.exception("closing %s failed", model.id if model else "?")
 
+    def _idle_limit(self, slot: DeviceSlot) -> Optional[float]:
+        """Seconds the slot's model may stay idle: the client's keep-alive, else
+        IDLE_UNLOAD_TIMEOUT; None = never unload."""
+        limit = slot.keep_alive
+        if limit is None:
+            limit = self.settings.idle_unload_seconds if self.settings.idle_unload_seconds > 0 \
+                else None
+        return None if limit is None or limit == math.inf else limit
+
     def _watch_idle(self) -> None:
-        idle = self.settings.idle_unload_seconds
-        interval = min(1.0, max(0.05, idle / 4))
+        interval = 1.0
         while not self._stop_event.wait(interval):
-            for slot in self._slots.values():
-                self._unload_if_idle(slot, idle)
+            limits = [(slot, self._idle_limit(slot)) for slot in self._slots.values()]
+            active = [limit for _, limit in limits if limit is not None]
+            interval = min([1.0] + [max(0.05, limit / 4) for limit in active])
+            for slot, limit in limits:
+                if limit is not None:
+                    self._unload_if_idle(slot, limit)
 
     def _unload_if_idle(self, slot: DeviceSlot, idle: float) -> None:
         with slot.cond:

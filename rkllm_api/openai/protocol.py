@@ -20,7 +20,7 @@ import uuid
 from typing import Optional
 
 from rkllm_api.errors import RequestError
-from rkllm_api.request import (ChatRequest, CompletionRequest, ImagePart, Message,
+from rkllm_api.request import (ChatRequest, CompletionRequest, ImagePart, LoraChoice, Message,
                                ResponseFormat, TextPart, ToolCall, ToolFunction, ToolSpec)
 from rkllm_api.runtimes.base import SamplingParams
 
@@ -60,12 +60,16 @@ def _optional_number(body: dict, name: str, low: float, high: float) -> Optional
     return float(value)
 
 
-def _optional_int(body: dict, name: str, minimum: int) -> Optional[int]:
+INT32_MAX = 2 ** 31 - 1
+
+
+def _optional_int(body: dict, name: str, minimum: int, maximum: int = INT32_MAX) -> Optional[int]:
     value = body.get(name)
     if value is None:
         return None
-    if not _is_int(value) or value < minimum:
-        raise RequestError(f"'{name}' must be an integer >= {minimum}", param=name)
+    if not _is_int(value) or not minimum <= value <= maximum:
+        raise RequestError(f"'{name}' must be an integer from {minimum} to {maximum}",
+                           param=name)
     return value
 
 
@@ -133,8 +137,53 @@ def _sampling(body: dict) -> SamplingParams:
         repeat_penalty=_optional_number(body, "repeat_penalty", 0.0, 10.0),
         frequency_penalty=_optional_number(body, "frequency_penalty", -2.0, 2.0),
         presence_penalty=_optional_number(body, "presence_penalty", -2.0, 2.0),
-        seed=_optional_int(body, "seed", -(2 ** 63)),
+        seed=_optional_int(body, "seed", -(2 ** 63), 2 ** 64 - 1),
     )
+
+
+def _check_accepted_fields(body: dict, logprobs_max: Optional[int]) -> None:
+    """Fields OpenAI defines that the server accepts and ignores (no log probabilities,
+    no token biases, nothing stored): checked as OpenAI does, so a wrong one is a 400
+    here as it would be there. logprobs_max: None = chat (`logprobs` a boolean and
+    `top_logprobs` 0-20), else completions (`logprobs` an integer up to it)."""
+    if logprobs_max is None:
+        wants = _optional_bool(body, "logprobs")
+        top = _optional_int(body, "top_logprobs", 0, 20)
+        if top is not None and not wants:
+            raise RequestError("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+    else:
+        _optional_int(body, "logprobs", 0, logprobs_max)
+    for name in ("user", "service_tier", "suffix"):
+        value = body.get(name)
+        if value is not None and not isinstance(value, str):
+            raise RequestError(f"'{name}' must be a string", param=name)
+    _optional_bool(body, "store")
+    _optional_bool(body, "parallel_tool_calls")
+    _check_logit_bias(body.get("logit_bias"))
+    _check_string_map(body.get("metadata"), "metadata")
+    modalities = body.get("modalities")
+    if modalities is not None and (not isinstance(modalities, list) or
+                                   not all(isinstance(m, str) for m in modalities)):
+        raise RequestError("'modalities' must be a list of strings", param="modalities")
+
+
+def _check_logit_bias(value) -> None:
+    if value is None:
+        return
+    if not isinstance(value, dict) or not all(
+            key.isdigit() and _is_number(bias) and -100 <= bias <= 100
+            for key, bias in value.items()):
+        raise RequestError("'logit_bias' must map token ids to numbers from -100 to 100",
+                           param="logit_bias")
+
+
+def _check_string_map(value, name: str) -> None:
+    if value is None:
+        return
+    if not isinstance(value, dict) or len(value) > 16 or not all(
+            isinstance(v, str) and len(k) <= 64 and len(v) <= 512 for k, v in value.items()):
+        raise RequestError(f"'{name}' must be an object of at most 16 strings (keys up to "
+                           f"64 and values up to 512 characters)", param=name)
 
 
 def _check_n(body: dict) -> None:
@@ -164,6 +213,7 @@ EFFORT_OFF = ("none", "minimal")
 REASONING_EFFORTS = EFFORT_OFF + EFFORT_ON
 RESPONSE_FORMATS = ("text", "json_object", "json_schema")
 _FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_SCHEMA_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _TOOL_CHOICES = ("auto", "none", "required")
 
 
@@ -324,9 +374,10 @@ def _response_format(body: dict) -> ResponseFormat:
     if value["type"] != "json_schema":
         return ResponseFormat(value["type"])
     spec = value.get("json_schema")
-    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
-        raise RequestError("'response_format.json_schema' must be an object with a 'name'",
-                           param="response_format")
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or \
+            not _SCHEMA_NAME.match(spec["name"]):
+        raise RequestError("'response_format.json_schema' must be an object with a 'name' "
+                           "of 1-64 letters, digits, '_' or '-'", param="response_format")
     schema = spec.get("schema")
     if schema is not None and not isinstance(schema, dict):
         raise RequestError("'response_format.json_schema.schema' must be an object",
@@ -394,6 +445,8 @@ def _parse_function(function, where: str) -> ToolFunction:
     description = function.get("description") or ""
     if not isinstance(description, str):
         raise RequestError(f"'{where}.description' must be a string", param=f"{where}.description")
+    if function.get("strict") is not None and not isinstance(function["strict"], bool):
+        raise RequestError(f"'{where}.strict' must be a boolean", param=f"{where}.strict")
     parameters = function.get("parameters")
     parameters = {} if parameters is None else parameters
     if not isinstance(parameters, dict):
@@ -441,6 +494,7 @@ def parse_chat_request(body) -> ChatRequest:
         raise RequestError("the request body must be a JSON object")
     messages = parse_messages(body.get("messages"))
     _check_n(body)
+    _check_accepted_fields(body, logprobs_max=None)
     use_cache = body.get("use_cache")
     if use_cache is not None and not isinstance(use_cache, str):
         raise RequestError("'use_cache' must be the name of a prompt cache", param="use_cache")
@@ -456,6 +510,7 @@ def parse_chat_request(body) -> ChatRequest:
         thinking=_thinking_switch(body),
         response_format=_response_format(body),
         use_cache=use_cache or "",
+        lora=parse_lora(body),
     )
 
 
@@ -480,6 +535,7 @@ def parse_completion_request(body) -> CompletionRequest:
     if _optional_bool(body, "echo"):
         raise RequestError("'echo' is not supported", param="echo")
     _check_n(body)
+    _check_accepted_fields(body, logprobs_max=5)
     best_of = body.get("best_of")
     if best_of is not None and best_of != 1:
         raise RequestError("only 'best_of': 1 is supported", param="best_of")
@@ -491,7 +547,28 @@ def parse_completion_request(body) -> CompletionRequest:
         max_tokens=_max_tokens(body),
         stop=_stop_sequences(body),
         sampling=_sampling(body),
+        lora=parse_lora(body),
     )
+
+
+LORA_MAX_SCALE = 4.0
+
+
+def parse_lora(body: dict) -> Optional[LoraChoice]:
+    """`lora`: an adapter name, or {"name": ..., "scale": ...} (scale 0 to 4). The
+    adapter is one of the model's (`<model>:<adapter>` in /v1/models); the chat
+    service checks that it exists."""
+    value = body.get("lora")
+    if value is None:
+        return None
+    scale = None
+    if isinstance(value, dict):
+        scale = _optional_number(value, "scale", 0.0, LORA_MAX_SCALE)
+        value = value.get("name")
+    if not isinstance(value, str) or not value.strip() or len(value) > 64:
+        raise RequestError("'lora' must name one of the model's LoRA adapters, as a string "
+                           "or {\"name\": ..., \"scale\": ...}", param="lora")
+    return LoraChoice(value.strip(), scale)
 
 
 def model_field(body, required: bool) -> Optional[str]:
@@ -521,6 +598,7 @@ DONE_LINE = "data: [DONE]\n\n"
 KEEP_ALIVE_LINE = ": keep-alive\n\n"
 _COMPACT = {"separators": (",", ":"), "ensure_ascii": False}
 _SLOT = "\u0000slot\u0000"  # a marker that json.dumps renders as a unique quoted string
+_encode_json_string = json.encoder.encode_basestring  # what dumps(ensure_ascii=False) uses
 
 
 def sse_line(payload: dict) -> str:
@@ -538,7 +616,9 @@ class _SseTemplate:
         self.head, self.tail = rendered.split(marker)
 
     def render(self, text: str) -> str:
-        return self.head + json.dumps(text, ensure_ascii=False) + self.tail
+        # The C string encoder json.dumps(text, ensure_ascii=False) ends up calling,
+        # without dumps' per-call setup: this runs once per streamed token.
+        return self.head + _encode_json_string(text) + self.tail
 
 
 def new_response_id(prefix: str) -> str:
@@ -601,8 +681,11 @@ class ChatChunks:
             return "function_call"
         return reason
 
-    def finish(self, reason: str) -> str:
-        return sse_line(self._chunk({}, self.finish_reason(reason)))
+    def finish(self, reason: str, error: Optional[str] = None) -> str:
+        chunk = self._chunk({}, self.finish_reason(reason))
+        if error:
+            chunk["error"] = refusal_error(error)
+        return sse_line(chunk)
 
     def usage(self, usage) -> str:
         chunk = self._envelope(self.object_name)
@@ -611,8 +694,8 @@ class ChatChunks:
         return sse_line(chunk)
 
     def body(self, content: str, reasoning: str, tool_calls: list,
-             finish_reason: str, usage) -> dict:
-        message = {"role": "assistant", "content": content}
+             finish_reason: str, usage, error: Optional[str] = None) -> dict:
+        message = {"role": "assistant", "content": None if error else content}
         if reasoning:
             message["reasoning_content"] = reasoning
         if tool_calls and self.legacy_functions:
@@ -625,7 +708,16 @@ class ChatChunks:
         response["choices"] = [{"index": 0, "message": message, "logprobs": None,
                                 "finish_reason": self.finish_reason(finish_reason)}]
         response["usage"] = usage_body(usage)
+        if error:
+            response["error"] = refusal_error(error)
         return response
+
+
+def refusal_error(message: str) -> dict:
+    """The error field beside finish_reason "error": an answer the server would not
+    give (structured output that did not validate after the retry)."""
+    return {"message": message, "type": "server_error", "param": None,
+            "code": "invalid_structured_output"}
 
 
 class CompletionChunks(ChatChunks):
@@ -656,7 +748,7 @@ class CompletionChunks(ChatChunks):
         return ""
 
     def body(self, content: str, reasoning: str, tool_calls: list,
-             finish_reason: str, usage) -> dict:
+             finish_reason: str, usage, error: Optional[str] = None) -> dict:
         response = self._envelope("text_completion")
         response["choices"] = [{"index": 0, "text": content, "logprobs": None,
                                 "finish_reason": finish_reason}]
@@ -665,11 +757,16 @@ class CompletionChunks(ChatChunks):
 
 
 def model_card(info) -> dict:
-    """One /v1/models entry for a registry.ModelInfo."""
-    return {"id": info.id, "object": "model", "created": int(info.created),
+    """One /v1/models entry for a registry.ModelInfo. A model whose file cannot be
+    served is listed with "available": false and the reason (which names no path)."""
+    card = {"id": info.id, "object": "model", "created": int(info.created),
             "owned_by": "rkllm-api", "device": info.device,
             "context_length": info.context_length,
-            "capabilities": list(info.capabilities), "aliases": list(info.aliases)}
+            "capabilities": list(info.capabilities), "aliases": list(info.aliases),
+            "available": info.available}
+    if info.problem:
+        card["problem"] = info.problem
+    return card
 
 
 def model_list(infos) -> dict:

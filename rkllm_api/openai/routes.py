@@ -9,8 +9,10 @@ from flask import Blueprint, Response, jsonify
 
 from rkllm_api import pipeline
 from rkllm_api.errors import runtime_failure
+from rkllm_api.logs import note_reply
 from rkllm_api.openai import protocol
-from rkllm_api.responses import FLUSH_MARK, CancelUnlessComplete, StreamBody, coalesced, json_body
+from rkllm_api.responses import (FLUSH_MARK, CancelUnlessComplete, StreamBody, caller, coalesced,
+                                 json_body)
 from rkllm_api.server import current_server
 
 blueprint = Blueprint("openai", __name__)
@@ -19,7 +21,7 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 def chat_completions():
     req = protocol.parse_chat_request(json_body())
-    reply = current_server().chat.chat(req)
+    reply = current_server().chat.chat(req, caller())
     chunks = protocol.ChatChunks(reply.model_id, reply.fingerprint,
                                  req.include_usage and req.stream,
                                  legacy_functions=reply.legacy_functions)
@@ -28,7 +30,7 @@ def chat_completions():
 
 def completions():
     req = protocol.parse_completion_request(json_body())
-    reply = current_server().chat.complete(req)
+    reply = current_server().chat.complete(req, caller())
     chunks = protocol.CompletionChunks(reply.model_id, reply.fingerprint,
                                        req.include_usage and req.stream)
     return respond(reply, chunks, req.stream)
@@ -42,6 +44,7 @@ for _path in ("/v1/completions", "/completions"):
 
 def respond(reply, chunks: protocol.ChatChunks, stream: bool) -> Response:
     """Render the reply's events as one JSON body or as server-sent events."""
+    note_reply(reply)   # for the access log line
     events = reply.events
     if not stream:
         with CancelUnlessComplete(reply) as run:
@@ -87,7 +90,7 @@ def render_sse(events: Iterator, chunks: protocol.ChatChunks) -> Iterator[str]:
         elif kind is pipeline.ToolCallDelta:
             yield chunks.tool_calls(event.calls)
         elif kind is pipeline.Finished:
-            yield chunks.finish(event.reason)
+            yield chunks.finish(event.reason, event.error)
         elif kind is pipeline.UsageReport:
             if chunks.include_usage:
                 yield chunks.usage(event.usage)
@@ -104,4 +107,4 @@ def collect_body(events: Iterator, chunks: protocol.ChatChunks) -> dict:
         if answer.failure is not None:
             raise runtime_failure(answer.failure)
     return chunks.body(answer.content, answer.reasoning, answer.calls, answer.finish,
-                       answer.usage)
+                       answer.usage, answer.finish_error)

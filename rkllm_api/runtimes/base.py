@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field, fields
-from typing import Callable, Optional, Protocol, runtime_checkable
+from typing import Callable, Optional, Protocol, Sequence, runtime_checkable
 
 
 class EventKind(enum.Enum):
@@ -65,8 +65,14 @@ class RunRequest:
     max_new_tokens: Optional[int] = None    # None: the runtime's configured default
     sampling: SamplingParams = field(default_factory=SamplingParams)
     prompt_cache_save_path: Optional[str] = None  # save the KV state after prefill to this file
-    lora_adapter: Optional[str] = None
+    lora_adapter: Optional[str] = None      # a name given to load_lora() earlier
+    lora_scale: float = 1.0                 # the adapter's weight for this run
     mode: RunMode = RunMode.GENERATE
+    tokens: tuple = ()                      # EMBED: token ids to use instead of prompt
+    # A JSON Schema (JSON text) the answer must follow. A runtime whose capabilities
+    # say constrained_output decodes under it; the others ignore it (the chat
+    # service validates every answer either way).
+    response_schema: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -87,11 +93,25 @@ class RunResult:
     error: Optional[str] = None
     # Sampling fields the request set that this runtime could not apply.
     unapplied_sampling: tuple = ()
-    embedding: Optional[list] = None         # RunMode.EMBED only
+    # RunMode.EMBED only: the last hidden layer, a float32 array with one row per token.
+    hidden_states: Optional[object] = None
 
 
 class RuntimeLoadError(Exception):
     """A runtime could not be created or failed outside a run (bad library, bad model)."""
+
+
+class EmbeddingInputError(ValueError):
+    """hidden_states() refuses one of its inputs: too long (without truncation), empty,
+    or token ids the runtime cannot check. `index` is the input's position."""
+
+    def __init__(self, message: str, index: int, *, too_long: bool = False,
+                 tokens: int = 0, limit: int = 0):
+        super().__init__(message)
+        self.index = index
+        self.too_long = too_long
+        self.tokens = tokens
+        self.limit = limit
 
 
 EventSink = Callable[[TokenEvent], None]
@@ -107,9 +127,15 @@ class Capabilities:
     # prompt_cache_save_path; librkllmrt): such a file lacks the answer
     snapshots_at_prefill: bool = False
     prompt_caches: bool = True           # RunRequest.prompt_cache_save_path + load_prompt_cache
-    embeddings: bool = False             # embed()
-    lora: bool = False                   # RunRequest.lora_adapter
+    embeddings: bool = False             # hidden_states()
+    # hidden_states() runs in the generation context, so turns kept in the KV cache
+    # would be its context: the engine empties the cache first (NPU). False: a
+    # separate context, the KV cache is never touched (llama.cpp).
+    embeddings_share_context: bool = False
+    embeddings_take_tokens: bool = False  # hidden_states() accepts token-id inputs
+    lora: bool = False                   # load_lora() + RunRequest.lora_adapter / lora_scale
     counts_tokens: bool = False          # count_tokens() answers with the model's tokenizer
+    constrained_output: bool = False     # RunRequest.response_schema constrains decoding
 
 
 @runtime_checkable
@@ -156,6 +182,24 @@ class Runtime(Protocol):
 
     def unapplied_sampling(self, sampling: SamplingParams) -> tuple:
         """Names of the given fields a run would not apply (RunResult.unapplied_sampling)."""
+
+    def hidden_states(self, inputs: Sequence, truncate: bool = False) -> list:
+        """The last hidden layer of each input (a text, or a sequence of token ids when
+        capabilities.embeddings_take_tokens): one float32 array (tokens x
+        embedding_width) per input, unpooled, in order. An input longer than the
+        runtime takes is cut when `truncate`, else refused (EmbeddingInputError)."""
+
+    @property
+    def embedding_width(self) -> int:
+        """Width of a hidden-layer row."""
+
+    @property
+    def embedding_pooling(self) -> Optional[str]:
+        """The pooling the model file declares ("mean", "first", "last"), or None."""
+
+    def load_lora(self, path: str, name: str, scale: float = 1.0) -> None:
+        """Make the adapter at path usable as RunRequest.lora_adapter=name (a second
+        call with a loaded name does nothing); RuntimeLoadError when it cannot."""
 
 
 def check_runtime(runtime) -> Capabilities:

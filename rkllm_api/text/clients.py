@@ -42,6 +42,7 @@ from dataclasses import dataclass, replace
 from typing import Optional
 
 from rkllm_api.request import ToolSpec
+from rkllm_api.structured.schema import schema_problems
 
 TASK_KINDS = ("title", "tags", "follow_ups", "queries", "autocomplete", "emoji",
               "image_prompt", "tool_selection")
@@ -72,6 +73,7 @@ class ClientTask:
     json_key: str = ""           # the key Open WebUI reads from the JSON reply
     autocomplete_type: str = ""  # e.g. "General", "search query"
     autocomplete_text: str = ""  # the text the user is typing
+    offered_tools: tuple = ()    # tool selection: the tools its prompt lists ({name, parameters})
 
     @property
     def background(self) -> bool:
@@ -222,7 +224,22 @@ def _tool_selection_task(messages) -> Optional[ClientTask]:
     question = user[user.rfind("Query:") + len("Query:"):].strip()
     modern = re.search(r'"tool_calls"', system) is not None
     return ClientTask(kind="tool_selection", question=question,
-                      json_key="tool_calls" if modern else "")
+                      json_key="tool_calls" if modern else "",
+                      offered_tools=_listed_tools(system))
+
+
+def _listed_tools(system: str) -> tuple:
+    """The tool specs after "Available Tools:" (a JSON list); () when unreadable."""
+    start = system.find("[", system.find("Available Tools:"))
+    if start < 0:
+        return ()
+    try:
+        listed, _ = json.JSONDecoder().raw_decode(system, start)
+    except ValueError:
+        return ()
+    if not isinstance(listed, list):
+        return ()
+    return tuple(t for t in listed if isinstance(t, dict) and isinstance(t.get("name"), str))
 
 
 def classify(messages, tools: Optional[ToolSpec] = None) -> ClientTask:
@@ -442,3 +459,76 @@ def search_query(history) -> str:
 def _clean_query(text: str) -> str:
     # Braces are dropped: newer Open WebUI cuts the reply from its LAST "{".
     return _plain(text).replace("{", " ").replace("}", " ").strip()
+
+
+# ---------------------------------------------------------------- the JSON a task's reply must be
+
+# Per task: the longest string and the most list items the model may write when its
+# reply is decoded under the schema, so the JSON closes within task_budget() tokens.
+_TASK_CAPS = {
+    "title": (60, 1), "tags": (30, 3), "follow_ups": (80, 3), "queries": (100, 2),
+    "autocomplete": (60, 1), "image_prompt": (300, 1), "tool_selection": (100, 2),
+}
+_TEXT = {"type": "string", "minLength": 1}
+
+
+def _keyed(key: str, value: dict) -> dict:
+    return {"type": "object", "properties": {key: value}, "required": [key]}
+
+
+def reply_schema(task: ClientTask) -> Optional[dict]:
+    """The JSON Schema of the reply Open WebUI parses for a task the model answers
+    (what the answer is validated against); None for replies read as plain text
+    (emoji, early titles) and for chat."""
+    if task.kind is None or task.reply_format != "json":
+        return None
+    if task.kind == "tool_selection":
+        return _tool_selection_schema(task)
+    key = task.json_key
+    if task.kind in ("follow_ups", "tags"):
+        return _keyed(key, {"type": "array", "items": _TEXT, "minItems": 1})
+    if task.kind == "queries":
+        return _keyed(key, {"type": "array", "items": _TEXT})
+    if task.kind == "autocomplete":   # "" is Open WebUI's "no suggestion"
+        return _keyed(key, {"type": "string"})
+    return _keyed(key, _TEXT)         # title, image_prompt
+
+
+def reply_caps(kind: Optional[str]) -> tuple:
+    """(longest string, most list items) for decoding a task's reply under its schema."""
+    return _TASK_CAPS.get(kind, (200, 5))
+
+
+def _tool_call_schema(tool: dict) -> dict:
+    parameters = tool.get("parameters")
+    if not isinstance(parameters, dict) or not parameters or schema_problems(parameters):
+        parameters = {"type": "object"}
+    return {"type": "object", "properties": {"name": {"const": tool["name"]},
+                                             "parameters": parameters},
+            "required": ["name", "parameters"]}
+
+
+def _tool_selection_schema(task: ClientTask) -> dict:
+    calls = [_tool_call_schema(tool) for tool in task.offered_tools]
+    if not calls:
+        calls = [{"type": "object", "properties": {"name": {"type": "string"},
+                                                   "parameters": {"type": "object"}},
+                  "required": ["name", "parameters"]}]
+    if not task.json_key:   # early 0.5: one call object, or {} for none
+        return {"anyOf": calls + [{"type": "object", "properties": {},
+                                   "additionalProperties": False}]}
+    call = calls[0] if len(calls) == 1 else {"anyOf": calls}
+    return _keyed("tool_calls", {"type": "array", "items": call})
+
+
+def fallback_reply(task: ClientTask) -> Optional[str]:
+    """A reply Open WebUI parses, for when the model's answers did not validate twice
+    (a background task needs something it can read, never an error)."""
+    if task.kind is None or task.reply_format != "json":
+        return None
+    if task.kind == "tool_selection":
+        return _dump({"tool_calls": []}) if task.json_key else "{}"
+    value = {"title": make_title(_first_user(task.history) or task.question) or "Chat",
+             "tags": ["General"], "follow_ups": [], "queries": [],
+             "autocomplete": "", "image_prompt": task.question}.get(task.kind, "")
+    return _dump({task.json_key: value})

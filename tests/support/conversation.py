@@ -49,12 +49,14 @@ def make_engine(tmp_path, smollm_available):
         engine.shutdown(timeout=5)
 
 
-def turn(engine, messages, *, keep=True, max_new_tokens=6, commit=True, use_cache=""):
-    """One chat request as the API makes it; returns (generation, answer)."""
+def turn(engine, messages, *, keep=True, max_new_tokens=6, commit=True, use_cache="",
+         model=MODEL, lora=None, lora_scale=1.0):
+    """One chat request as the API makes it; returns (generation, answer). `lora`
+    names an adapter of `model` (its lora/ folder)."""
     built = PromptBuilder(engine.settings).build_chat(typed(messages), context_length=2048)
     run = RunRequest(prompt=built.text, keep_history=keep, max_new_tokens=max_new_tokens,
-                     sampling=GREEDY)
-    generation = engine.generate(GenerationJob(MODEL, run, f"t{next(_ids)}", built,
+                     sampling=GREEDY, lora_adapter=lora, lora_scale=lora_scale)
+    generation = engine.generate(GenerationJob(model, run, f"t{next(_ids)}", built,
                                                use_cache=use_cache))
     texts, final = [], None
     for event in generation.events():

@@ -1,10 +1,10 @@
 """Every OpenAI-format body a live server sends, checked against the `openai`
 package's own types (strict pydantic validation): chat completions, their chunks,
-text completions and error objects. live_server.py runs this on every JSON reply
+text completions, embeddings (float format) and error objects. live_server.py runs this on every JSON reply
 and every SSE payload, so each live test validates the wire as a side effect."""
 from __future__ import annotations
 
-from openai.types import Completion
+from openai.types import Completion, CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from openai.types.shared import ErrorObject
 
@@ -24,8 +24,19 @@ def validate_openai_payload(payload) -> None:
         # carries null until its last chunk (so does OpenAI's own API, and the SDK
         # builds stream chunks without validating them): check the rest.
         payload = {**payload, "choices": [{**payload["choices"][0], "finish_reason": "stop"}]}
+    if kind is None and _is_float_embedding_list(payload):
+        kind = CreateEmbeddingResponse
     if kind is not None:
         kind.model_validate(payload, strict=True)
     elif isinstance(payload.get("error"), dict):
         ErrorObject.model_validate(payload["error"], strict=True)
         assert payload["error"]["message"], payload
+
+
+def _is_float_embedding_list(payload: dict) -> bool:
+    """An /v1/embeddings body in the float format (the SDK types base64 bodies only
+    after decoding them itself)."""
+    data = payload.get("data")
+    return (payload.get("object") == "list" and isinstance(data, list) and bool(data)
+            and all(isinstance(item, dict) and item.get("object") == "embedding"
+                    and isinstance(item.get("embedding"), list) for item in data))
