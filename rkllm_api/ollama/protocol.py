@@ -31,6 +31,7 @@ from datetime import datetime, timezone
 from typing import Optional
 
 from rkllm_api.errors import RequestError
+from rkllm_api.fields import INT32_MAX, is_int, is_number, stop_sequences
 from rkllm_api.openai.protocol import parse_tool_request
 from rkllm_api.request import (ChatRequest, CompletionRequest, ImagePart, Message, ResponseFormat,
                                TextPart, ToolCall)
@@ -40,7 +41,6 @@ ROLES = ("system", "user", "assistant", "tool")
 THINK_LEVELS = ("low", "medium", "high")
 FOREVER = math.inf
 KEEP_ALIVE_CAP = 100 * 365 * 24 * 3600.0   # longer than this is "until unloaded"
-INT32_MAX = 2 ** 31 - 1
 
 # ----------------------------------------------------------------------------
 # errors
@@ -53,14 +53,6 @@ def error_of(error: RequestError) -> dict:
 
 # ----------------------------------------------------------------------------
 # small field readers
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _object(body) -> dict:
@@ -125,7 +117,7 @@ def keep_alive(body: dict) -> Optional[float]:
     value = body.get("keep_alive")
     if value is None:
         return None
-    if _is_number(value):
+    if is_number(value):
         seconds = float(value)
     elif isinstance(value, str):
         seconds = _duration_seconds(value.strip())
@@ -171,7 +163,7 @@ def _number_option(options: dict, name: str, low: float, high: float) -> Optiona
     value = options.get(name)
     if value is None:
         return None
-    if not _is_number(value) or not low <= value <= high:
+    if not is_number(value) or not low <= value <= high:
         raise RequestError(f"'options.{name}' must be a number from {low:g} to {high:g}",
                            param=f"options.{name}")
     return float(value)
@@ -183,23 +175,14 @@ def _int_option(options: dict, name: str, low: int, high: int = INT32_MAX) -> Op
         return None
     if isinstance(value, float) and value.is_integer():
         value = int(value)
-    if not _is_int(value) or not low <= value <= high:
+    if not is_int(value) or not low <= value <= high:
         raise RequestError(f"'options.{name}' must be an integer from {low} to {high}",
                            param=f"options.{name}")
     return value
 
 
 def _stop_option(options: dict) -> tuple:
-    value = options.get("stop")
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
-        raise RequestError("'options.stop' must be a list of strings", param="options.stop")
-    if len(value) > 16:
-        raise RequestError("'options.stop' may hold at most 16 sequences", param="options.stop")
-    return tuple(s for s in value if s)
+    return stop_sequences(options.get("stop"), "options.stop", most=16)
 
 
 def parse_options(body: dict) -> Options:
@@ -453,7 +436,7 @@ def dimensions(body: dict) -> Optional[int]:
     value = body.get("dimensions")
     if value is None:
         return None
-    if not _is_int(value) or value < 1:
+    if not is_int(value) or value < 1:
         raise RequestError("'dimensions' must be a positive integer", param="dimensions")
     return value
 

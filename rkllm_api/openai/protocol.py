@@ -20,6 +20,7 @@ import uuid
 from typing import Optional
 
 from rkllm_api.errors import RequestError
+from rkllm_api.fields import INT32_MAX, is_int, is_number, stop_sequences
 from rkllm_api.request import (ChatRequest, CompletionRequest, ImagePart, LoraChoice, Message,
                                ResponseFormat, TextPart, ToolCall, ToolFunction, ToolSpec)
 from rkllm_api.runtimes.base import SamplingParams
@@ -42,32 +43,23 @@ def error_of(error: RequestError) -> dict:
 # field checks: each reads one field of the body and refuses a wrong type with a 400
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _optional_number(body: dict, name: str, low: float, high: float) -> Optional[float]:
     value = body.get(name)
     if value is None:
         return None
-    if not _is_number(value) or not low <= value <= high:
+    if not is_number(value) or not low <= value <= high:
         raise RequestError(f"'{name}' must be a number between {low:g} and {high:g}",
                            param=name)
     return float(value)
 
 
-INT32_MAX = 2 ** 31 - 1
 
 
 def _optional_int(body: dict, name: str, minimum: int, maximum: int = INT32_MAX) -> Optional[int]:
     value = body.get(name)
     if value is None:
         return None
-    if not _is_int(value) or not minimum <= value <= maximum:
+    if not is_int(value) or not minimum <= value <= maximum:
         raise RequestError(f"'{name}' must be an integer from {minimum} to {maximum}",
                            param=name)
     return value
@@ -111,16 +103,7 @@ def _model_name(body: dict) -> Optional[str]:
 
 
 def _stop_sequences(body: dict) -> tuple:
-    value = body.get("stop")
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
-        raise RequestError("'stop' must be a string or a list of strings", param="stop")
-    if len(value) > 4:
-        raise RequestError("'stop' may hold at most 4 sequences", param="stop")
-    return tuple(s for s in value if s)  # an empty stop string can never be matched
+    return stop_sequences(body.get("stop"), "stop", most=4)
 
 
 def _max_tokens(body: dict) -> Optional[int]:
@@ -171,7 +154,7 @@ def _check_logit_bias(value) -> None:
     if value is None:
         return
     if not isinstance(value, dict) or not all(
-            key.isdigit() and _is_number(bias) and -100 <= bias <= 100
+            key.isdigit() and is_number(bias) and -100 <= bias <= 100
             for key, bias in value.items()):
         raise RequestError("'logit_bias' must map token ids to numbers from -100 to 100",
                            param="logit_bias")
@@ -188,7 +171,7 @@ def _check_string_map(value, name: str) -> None:
 
 def _check_n(body: dict) -> None:
     n = body.get("n")
-    if n is not None and (not _is_int(n) or n != 1):
+    if n is not None and (not is_int(n) or n != 1):
         raise RequestError("only 'n': 1 is supported", param="n")
 
 
