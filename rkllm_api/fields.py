@@ -1,6 +1,7 @@
 """Field checks every surface's wire parser shares: numbers that are numbers (not
-booleans, not NaN), 32-bit integers, stop sequences. Each surface names its own
-fields and limits; the rules are written once."""
+booleans, not NaN), 32-bit integers, optional strings and booleans, a message's
+role, stop sequences. Each surface names its own fields, roles and limits; the
+rules are written once."""
 from __future__ import annotations
 
 import math
@@ -30,3 +31,40 @@ def stop_sequences(value, param: str, most: int) -> tuple:
     if len(value) > most:
         raise RequestError(f"'{param}' may hold at most {most} sequences", param=param)
     return tuple(s for s in value if s)
+
+
+def _param(name: str, where: str) -> str:
+    return f"{where}.{name}" if where else name
+
+
+def optional_bool(body: dict, name: str, default: bool = False, where: str = "") -> bool:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        param = _param(name, where)
+        raise RequestError(f"'{param}' must be a boolean", param=param)
+    return value
+
+
+def optional_str(body: dict, name: str, where: str = "") -> str:
+    """The string field, "" when absent or null."""
+    value = body.get(name)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        param = _param(name, where)
+        raise RequestError(f"'{param}' must be a string", param=param)
+    return value
+
+
+def message_role(raw, index: int, roles: tuple) -> tuple:
+    """(where, role) of messages[index]: an object whose role is one of `roles`."""
+    where = f"messages[{index}]"
+    if not isinstance(raw, dict):
+        raise RequestError(f"'{where}' must be an object", param="messages")
+    role = raw.get("role")
+    if role not in roles:
+        raise RequestError(f"'{where}.role' must be one of {', '.join(roles)}",
+                           param=f"{where}.role")
+    return where, role

@@ -31,7 +31,8 @@ from datetime import datetime, timezone
 from typing import Optional
 
 from rkllm_api.errors import RequestError
-from rkllm_api.fields import INT32_MAX, is_int, is_number, stop_sequences
+from rkllm_api.fields import (INT32_MAX, is_int, is_number, message_role, optional_bool,
+                              optional_str, stop_sequences)
 from rkllm_api.openai.protocol import parse_tool_request
 from rkllm_api.request import (ChatRequest, CompletionRequest, ImagePart, Message, ResponseFormat,
                                TextPart, ToolCall)
@@ -59,24 +60,6 @@ def _object(body) -> dict:
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
     return body
-
-
-def _string(body: dict, name: str, default: str = "") -> str:
-    value = body.get(name)
-    if value is None:
-        return default
-    if not isinstance(value, str):
-        raise RequestError(f"'{name}' must be a string", param=name)
-    return value
-
-
-def boolean(body: dict, name: str, default: bool) -> bool:
-    value = body.get(name)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise RequestError(f"'{name}' must be a boolean", param=name)
-    return value
 
 
 def model_name(body: dict) -> str:
@@ -310,22 +293,16 @@ class _CallNames:
 
 
 def _message(raw, index: int, calls: _CallNames) -> Message:
-    where = f"messages[{index}]"
-    if not isinstance(raw, dict):
-        raise RequestError(f"'{where}' must be an object", param="messages")
-    role = raw.get("role")
-    if role not in ROLES:
-        raise RequestError(f"'{where}.role' must be one of {', '.join(ROLES)}",
-                           param=f"{where}.role")
-    content = _string(raw, "content")
+    where, role = message_role(raw, index, ROLES)
+    content = optional_str(raw, "content")
     listed = raw.get("tool_calls") if role == "assistant" else None
     if listed is not None and not isinstance(listed, list):
         raise RequestError(f"'{where}.tool_calls' must be a list", param=f"{where}.tool_calls")
     history_calls = tuple(_history_call(c, i, where) for i, c in enumerate(listed or ()))
     for call in history_calls:
         calls.add(call)
-    name = _string(raw, "tool_name") or _string(raw, "name")
-    call_id = _string(raw, "tool_call_id")
+    name = optional_str(raw, "tool_name") or optional_str(raw, "name")
+    call_id = optional_str(raw, "tool_call_id")
     if role == "tool" and not name:
         name = calls.answered(call_id)
     parts = ((TextPart(content),) if content or not history_calls else ()) + _images(raw, where)
@@ -366,7 +343,7 @@ def parse_chat(body, model_id: str) -> ChatCall:
     if not messages:
         return ChatCall(name, None, alive)
     request = ChatRequest(
-        model=model_id, messages=messages, stream=boolean(body, "stream", True),
+        model=model_id, messages=messages, stream=optional_bool(body, "stream", True),
         include_usage=True, max_tokens=options.max_tokens, stop=options.stop,
         sampling=options.sampling, tools=_tools(body), thinking=think(body),
         response_format=response_format(body), context_length=options.context_length)
@@ -387,17 +364,17 @@ class GenerateCall:
 def parse_generate(body, model_id: str) -> GenerateCall:
     body = _object(body)
     name = model_name(body)
-    prompt, system = _string(body, "prompt"), _string(body, "system")
-    if _string(body, "suffix"):
+    prompt, system = optional_str(body, "prompt"), optional_str(body, "system")
+    if optional_str(body, "suffix"):
         raise RequestError("'suffix' (fill in the middle) is not supported", param="suffix")
     images = _images(body, "request")
     options = parse_options(body)
     alive = keep_alive(body)
-    stream = boolean(body, "stream", True)
-    _string(body, "template")            # checked, not used: the model's template applies
+    stream = optional_bool(body, "stream", True)
+    optional_str(body, "template")            # checked, not used: the model's template applies
     if not prompt and not images:
         return GenerateCall(name, None, alive)
-    if boolean(body, "raw", False):
+    if optional_bool(body, "raw", False):
         for field in ("images", "format"):
             if body.get(field):
                 raise RequestError(f"'{field}' cannot be used with 'raw'", param=field)
@@ -422,7 +399,7 @@ def embed_inputs(body: dict, legacy: bool) -> list:
     """The texts of /api/embed (`input`: a string or a list of strings) or of the
     legacy /api/embeddings (`prompt`)."""
     if legacy:
-        return [_string(body, "prompt")]
+        return [optional_str(body, "prompt")]
     value = body.get("input")
     if isinstance(value, str):
         return [value]

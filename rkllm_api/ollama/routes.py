@@ -27,6 +27,7 @@ from flask import Blueprint, Response, jsonify, request
 
 from rkllm_api import pipeline
 from rkllm_api.errors import RequestError, runtime_failure
+from rkllm_api.fields import optional_bool
 from rkllm_api.logs import note_reply
 from rkllm_api.ollama import models, protocol
 from rkllm_api.ollama.render import OllamaAnswer, body_of, collect, render_ndjson
@@ -208,7 +209,7 @@ def _embed(legacy: bool) -> dict:
     info = _resolve(name)
     texts = protocol.embed_inputs(body, legacy)
     dimensions = protocol.dimensions(body)
-    truncate = protocol.boolean(body, "truncate", True)
+    truncate = optional_bool(body, "truncate", True)
     alive = protocol.keep_alive(body)
     engine = current_server().engine
     if legacy and not texts[0]:

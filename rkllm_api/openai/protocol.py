@@ -20,7 +20,8 @@ import uuid
 from typing import Optional
 
 from rkllm_api.errors import RequestError
-from rkllm_api.fields import INT32_MAX, is_int, is_number, stop_sequences
+from rkllm_api.fields import (INT32_MAX, is_int, is_number, message_role, optional_bool,
+                              optional_str, stop_sequences)
 from rkllm_api.request import (ChatRequest, CompletionRequest, ImagePart, LoraChoice, Message,
                                ResponseFormat, TextPart, ToolCall, ToolFunction, ToolSpec)
 from rkllm_api.runtimes.base import SamplingParams
@@ -62,15 +63,6 @@ def _optional_int(body: dict, name: str, minimum: int, maximum: int = INT32_MAX)
     if not is_int(value) or not minimum <= value <= maximum:
         raise RequestError(f"'{name}' must be an integer from {minimum} to {maximum}",
                            param=name)
-    return value
-
-
-def _optional_bool(body: dict, name: str, default: bool = False) -> bool:
-    value = body.get(name)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise RequestError(f"'{name}' must be a boolean", param=name)
     return value
 
 
@@ -130,7 +122,7 @@ def _check_accepted_fields(body: dict, logprobs_max: Optional[int]) -> None:
     here as it would be there. logprobs_max: None = chat (`logprobs` a boolean and
     `top_logprobs` 0-20), else completions (`logprobs` an integer up to it)."""
     if logprobs_max is None:
-        wants = _optional_bool(body, "logprobs")
+        wants = optional_bool(body, "logprobs")
         top = _optional_int(body, "top_logprobs", 0, 20)
         if top is not None and not wants:
             raise RequestError("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
@@ -140,8 +132,8 @@ def _check_accepted_fields(body: dict, logprobs_max: Optional[int]) -> None:
         value = body.get(name)
         if value is not None and not isinstance(value, str):
             raise RequestError(f"'{name}' must be a string", param=name)
-    _optional_bool(body, "store")
-    _optional_bool(body, "parallel_tool_calls")
+    optional_bool(body, "store")
+    optional_bool(body, "parallel_tool_calls")
     _check_logit_bias(body.get("logit_bias"))
     _check_string_map(body.get("metadata"), "metadata")
     modalities = body.get("modalities")
@@ -279,30 +271,15 @@ def _history_calls(raw: dict, where: str) -> tuple:
     return tuple(parsed)
 
 
-def _optional_str_field(raw: dict, name: str, where: str) -> str:
-    value = raw.get(name)
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise RequestError(f"'{where}.{name}' must be a string", param=f"{where}.{name}")
-    return value
-
-
 def _message(raw, index: int, call_names: dict) -> Message:
-    where = f"messages[{index}]"
-    if not isinstance(raw, dict):
-        raise RequestError(f"'{where}' must be an object", param="messages")
-    role = raw.get("role")
-    if role not in MESSAGE_ROLES:
-        raise RequestError(f"'{where}.role' must be one of {', '.join(MESSAGE_ROLES)}",
-                           param=f"{where}.role")
+    where, role = message_role(raw, index, MESSAGE_ROLES)
     parts = _content_parts(raw.get("content"), where)
     if parts is None and role not in ("assistant", "function"):
         raise RequestError(f"'{where}.content' is required for role '{role}'",
                            param=f"{where}.content")
     role = _ROLE_NAMES.get(role, role)
-    name = _optional_str_field(raw, "name", where)
-    call_id = _optional_str_field(raw, "tool_call_id", where)
+    name = optional_str(raw, "name", where)
+    call_id = optional_str(raw, "tool_call_id", where)
     calls = _history_calls(raw, where) if role == "assistant" else ()
     for call in calls:
         if call.id:
@@ -484,7 +461,7 @@ def parse_chat_request(body) -> ChatRequest:
     return ChatRequest(
         model=_model_name(body),
         messages=messages,
-        stream=_optional_bool(body, "stream"),
+        stream=optional_bool(body, "stream"),
         include_usage=_include_usage(body),
         max_tokens=_max_tokens(body),
         stop=_stop_sequences(body),
@@ -515,7 +492,7 @@ def parse_completion_request(body) -> CompletionRequest:
     """Validate a /v1/completions body. Unknown fields are ignored."""
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
-    if _optional_bool(body, "echo"):
+    if optional_bool(body, "echo"):
         raise RequestError("'echo' is not supported", param="echo")
     _check_n(body)
     _check_accepted_fields(body, logprobs_max=5)
@@ -525,7 +502,7 @@ def parse_completion_request(body) -> CompletionRequest:
     return CompletionRequest(
         model=_model_name(body),
         prompt=_prompt_text(body),
-        stream=_optional_bool(body, "stream"),
+        stream=optional_bool(body, "stream"),
         include_usage=_include_usage(body),
         max_tokens=_max_tokens(body),
         stop=_stop_sequences(body),
