@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import pytest
 
-from rkllm_api.config import Settings
 from rkllm_api.engine.generation import GenerationJob
-from rkllm_api.engine.manager import Engine
-from rkllm_api.models.registry import Registry
 from rkllm_api.runtimes.base import EventKind, RunRequest
 from rkllm_api.text.prompts import PromptBuilder
 from support.conversation import FIRST, assistant, turn, user
+from support.doubles import make_fake_rkllm_model, start_npu_engine
 from support.messages import typed
 
 def test_next_turn_prefills_only_the_new_message(make_engine):
@@ -130,13 +128,8 @@ def test_reuse_off_always_prefills_everything(make_engine):
 # ---- the NPU double: snapshots saved at prefill, resent answer --------------------
 @pytest.fixture
 def npu_engine(tmp_path, rkllm_double_libs, rkllm_record):
-    from support.doubles import make_fake_rkllm_model
     make_fake_rkllm_model(tmp_path / "models" / "npu-a", "a")
-    settings = Settings(models_root=str(tmp_path / "models"), include_bundled_model=False,
-                        rkllm_lib_path=rkllm_double_libs["1.3"], idle_unload_seconds=0,
-                        heartbeat_seconds=0, kv_cache_dir=str(tmp_path / "cache"))
-    engine = Engine(settings, Registry(settings))
-    engine.start()
+    engine = start_npu_engine(tmp_path, rkllm_double_libs["1.3"])
     yield engine
     engine.shutdown(timeout=5)
 
@@ -184,17 +177,11 @@ def test_npu_snapshot_is_not_resumed_after_a_tool_result(npu_engine, rkllm_recor
 def test_a_nearly_full_kv_cache_is_reset_instead_of_extended(tmp_path, rkllm_double_libs):
     """Reuse needs room for the new message and an answer (a quarter of the context
     at most); when the kept turns leave less, the cache starts over."""
-    def engine_with_context(context: int) -> Engine:
+    def engine_with_context(context: int):
         folder = tmp_path / f"ctx{context}"
-        from support.doubles import make_fake_rkllm_model
         make_fake_rkllm_model(folder / "models" / "npu-a", "a")
-        settings = Settings(models_root=str(folder / "models"), include_bundled_model=False,
-                            rkllm_lib_path=rkllm_double_libs["1.3"], idle_unload_seconds=0,
-                            heartbeat_seconds=0, kv_cache_dir=str(folder / "cache"),
-                            default_context_length=context)
-        engine = Engine(settings, Registry(settings))
-        engine.start()
-        return engine
+        return start_npu_engine(folder, rkllm_double_libs["1.3"],
+                                default_context_length=context)
 
     # The double counts prefill in words: 120 words now, an 8-token answer, and the
     # next turn asks for room for min(max_new_tokens, context / 4) more tokens.

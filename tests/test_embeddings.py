@@ -10,17 +10,15 @@ import os
 import numpy
 import pytest
 
-from rkllm_api.config import Settings
 from rkllm_api.engine import embedding
 from rkllm_api.engine.embedding import Pooling
 from rkllm_api.engine.errors import InvalidWork
-from rkllm_api.engine.manager import Engine
 from rkllm_api.engine.generation import GenerationJob
-from rkllm_api.models.registry import ModelInfo, Registry
+from rkllm_api.models.registry import ModelInfo
 from rkllm_api.runtimes.base import EventKind, RunRequest
 from rkllm_api.text.prompts import PromptBuilder
 from support.conversation import FIRST, MODEL, assistant, turn, user
-from support.doubles import make_fake_rkllm_model
+from support.doubles import make_fake_rkllm_model, start_npu_engine
 from support.messages import typed
 
 TEXTS = ("The cat sat on the mat.", "Quarterly revenue grew by ten percent.",
@@ -132,11 +130,7 @@ def test_model_config_pooling_picks_the_last_token(make_engine, tmp_path, smollm
 @pytest.fixture
 def npu_embed_engine(tmp_path, rkllm_double_lib, rkllm_record):
     make_fake_rkllm_model(tmp_path / "models" / "npu-a", "a")
-    settings = Settings(models_root=str(tmp_path / "models"), include_bundled_model=False,
-                        rkllm_lib_path=rkllm_double_lib, idle_unload_seconds=0,
-                        heartbeat_seconds=0, kv_cache_dir=str(tmp_path / "cache"))
-    engine = Engine(settings, Registry(settings))
-    engine.start()
+    engine = start_npu_engine(tmp_path, rkllm_double_lib)
     yield engine
     engine.shutdown(timeout=5)
 
@@ -187,12 +181,7 @@ def test_npu_embeddings_wait_for_the_device_like_generations(tmp_path, rkllm_dou
                                                              rkllm_record):
     from rkllm_api.engine.errors import QueueTimeout
     make_fake_rkllm_model(tmp_path / "models" / "npu-a", "a")
-    settings = Settings(models_root=str(tmp_path / "models"), include_bundled_model=False,
-                        rkllm_lib_path=rkllm_double_libs["1.3"], idle_unload_seconds=0,
-                        heartbeat_seconds=0, kv_cache_dir=str(tmp_path / "cache"),
-                        queue_timeout_seconds=0.3)
-    engine = Engine(settings, Registry(settings))
-    engine.start()
+    engine = start_npu_engine(tmp_path, rkllm_double_libs["1.3"], queue_timeout_seconds=0.3)
     try:
         hanging = engine.generate(GenerationJob(
             "npu-a", RunRequest(prompt="@@hang@@", max_new_tokens=50), "hang"))

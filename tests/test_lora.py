@@ -10,7 +10,6 @@ import pytest
 
 from rkllm_api.config import Settings
 from rkllm_api.engine.errors import AdapterNotFound
-from rkllm_api.engine.manager import Engine
 from rkllm_api.models import adapters
 from rkllm_api.models.registry import Registry
 from rkllm_api.openai import protocol
@@ -18,7 +17,7 @@ from rkllm_api.request import LoraChoice
 from rkllm_api.errors import RequestError
 from rkllm_api.runtimes.base import RunRequest, RuntimeLoadError, SamplingParams
 from support.conversation import assistant, turn, user
-from support.doubles import make_fake_rkllm_model
+from support.doubles import make_fake_rkllm_model, start_npu_engine
 from support.lora import make_model_with_adapters
 
 QUESTION = "What is the capital of France?"
@@ -128,11 +127,7 @@ def npu_lora_engine(tmp_path, rkllm_double_lib, rkllm_record):
     make_fake_rkllm_model(folder, "a")
     os.makedirs(folder / "lora")
     (folder / "lora" / "style.rkllm").write_bytes(b"FAKE-LORA\n")
-    settings = Settings(models_root=str(tmp_path / "models"), include_bundled_model=False,
-                        rkllm_lib_path=rkllm_double_lib, idle_unload_seconds=0,
-                        heartbeat_seconds=0, kv_cache_dir=str(tmp_path / "cache"))
-    engine = Engine(settings, Registry(settings))
-    engine.start()
+    engine = start_npu_engine(tmp_path, rkllm_double_lib)
     yield engine
     engine.shutdown(timeout=5)
 

@@ -103,5 +103,21 @@ def npu_runtime(npu_settings, fake_rkllm_model):
     runtime.close()
 
 
+def start_npu_engine(folder, lib: str, **overrides):
+    """A started Engine whose models root is <folder>/models (make the models there
+    first) and whose NPU runtime is the double at `lib`; the caller shuts it down."""
+    from rkllm_api.config import Settings
+    from rkllm_api.engine.manager import Engine
+    from rkllm_api.models.registry import Registry
+    values = dict(models_root=os.path.join(str(folder), "models"), include_bundled_model=False,
+                  rkllm_lib_path=lib, idle_unload_seconds=0, heartbeat_seconds=0,
+                  kv_cache_dir=os.path.join(str(folder), "cache"))
+    values.update(overrides)
+    settings = Settings(**values)
+    engine = Engine(settings, Registry(settings))
+    engine.start()
+    return engine
+
+
 __all__ = ["RKLLM_DOUBLE_HIDDEN_WIDTH", "make_fake_rkllm_model", "read_rkllm_record",
-           "RkllmRecord"]
+           "RkllmRecord", "start_npu_engine"]
