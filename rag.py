@@ -123,7 +123,9 @@ class FollowUp:
 # ---------------------------------------------------------------------------
 
 _SOURCE_TAG = re.compile(r"<source\b([^>]*)>(.*?)</source>", re.S | re.I)
-_ATTRIBUTE = re.compile(r'([\w-]+)\s*=\s*"([^"]*)"')
+# Attribute values in double or single quotes: Open WebUI writes `id="1"`, other
+# clients (and a peer's test suite) write `id='1'`.
+_ATTRIBUTE = re.compile(r"""([\w-]+)\s*=\s*(?:"([^"]*)"|'([^']*)')""")
 _OLD_SOURCE_ID = re.compile(r"<source_id>(.*?)</source_id>", re.S | re.I)
 _OLD_SOURCE_BODY = re.compile(r"<source_context>(.*?)</source_context>", re.S | re.I)
 _CONTEXT_OPEN = re.compile(r"<context>", re.I)
@@ -146,7 +148,7 @@ def _parse_sources(block: str) -> tuple[tuple, str]:
     sources, old_ids = [], {}
     layout = "id-attr"
     for attributes, body in tags:
-        attrs = dict(_ATTRIBUTE.findall(attributes))
+        attrs = _attributes(attributes)
         old_body = _OLD_SOURCE_BODY.search(body)
         if old_body:
             layout = "source-id"
@@ -160,10 +162,16 @@ def _parse_sources(block: str) -> tuple[tuple, str]:
     return tuple(sources), layout
 
 
+def _attributes(text: str) -> dict:
+    """name -> value of a tag's attributes, whichever quotes each value used."""
+    return {name: double or single
+            for name, double, single in _ATTRIBUTE.findall(text)}
+
+
 def _client_source(tag: re.Match) -> bool:
     """A <source> tag as Open WebUI writes it, not one pasted by the user (HTML, XML):
     with an id attribute or the older source_id/source_context children."""
-    return bool(re.search(r'\bid\s*=\s*"', tag.group(1))
+    return bool(re.search(r"""\bid\s*=\s*["']""", tag.group(1))
                 or _OLD_SOURCE_BODY.search(tag.group(2)))
 
 

@@ -28,10 +28,10 @@ def server(live_servers, rkllm_double_libs):
     return start_npu_server(live_servers, rkllm_double_libs, extra_models=(MODEL,))
 
 
-def web_search(question=QUESTION, history=(), answer=ANSWER, placement="user"):
+def web_search(question=QUESTION, history=(), answer=ANSWER, placement="user", quote='"'):
     """Open WebUI's request for a web-search turn; the model system prompt scripts
     the double's answer."""
-    filled = fill("template_newer.txt", newer_context(web_pages()), question)
+    filled = fill("template_newer.txt", newer_context(web_pages(), quote), question)
     messages = owui_request(filled, question, placement, history,
                             system=f"{SYSTEM_PROMPT} @@reply:{answer}@@")
     return {"model": MODEL, "messages": messages}
@@ -78,6 +78,18 @@ def test_repeated_question_is_served_from_the_cache(server, placement):
     assert reply_content(server, again, stream=True) == first
     assert reply_content(server, body, stream=False) == first
     assert len(server.record.entries("run")) == runs      # no second run
+
+
+def test_single_quoted_sources_take_the_rag_path_and_its_cache(server):
+    question = "How tall is the Eiffel Tower in single quotes?"
+    body = web_search(question=question, quote="'")
+    assert reply_content(server, body) == ANSWER
+    prompt = server.record.last("run")["prompt"]
+    assert "<source" not in prompt and "Sign in" not in prompt   # cleaned like "1"
+    assert "330 metres" in prompt
+    runs = len(server.record.entries("run"))
+    assert reply_content(server, body, stream=True) == ANSWER
+    assert len(server.record.entries("run")) == runs      # served from the cache
 
 
 def test_cached_answer_keeps_the_reply_shape(server):

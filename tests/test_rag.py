@@ -95,6 +95,25 @@ def test_extra_source_attributes_and_list_content():
     assert stripped[0].parts == (TextPart("Sales?"), ImagePart("data:image/png;base64,AAAA"))
 
 
+def test_single_quoted_source_tags_are_read_like_double_quoted_ones():
+    pages = [("https://a.example/tides", "Tides rise twice a day."), ("b.txt", "Moon.")]
+    single = detect([{"role": "user", "content": fill(
+        "template_newer.txt", newer_context(pages, quote="'"), "") + "\nTides?"}])
+    double = detect([{"role": "user", "content": fill(
+        "template_newer.txt", newer_context(pages), "") + "\nTides?"}])
+    assert single is not None and single.layout == "id-attr"
+    assert single.sources == double.sources
+    assert single.question == double.question == "Tides?"
+    # Without the template around them, single-quoted ids still mark client sources.
+    bare = "<source id='1' name='n.txt'>Tides rise twice a day.</source>\nTides?"
+    found = detect([{"role": "user", "content": bare}])
+    assert found.sources == (rag.Source("1", "n.txt", "Tides rise twice a day."),)
+    # A double-quoted value may hold an apostrophe and the reverse.
+    mixed = """<source id="2" name='say "hi"'>x</source><source id='3' name="it's">y</source>"""
+    found = detect([{"role": "user", "content": mixed + "\nq?"}])
+    assert [(s.id, s.name) for s in found.sources] == [("2", 'say "hi"'), ("3", "it's")]
+
+
 def test_template_without_source_tags_is_one_plain_source():
     filled = fill("template_older.txt", "Chunk about tides.\n\nAnother chunk.", "Tides?")
     found = detect([{"role": "user", "content": filled}])

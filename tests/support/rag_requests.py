@@ -23,8 +23,10 @@ def web_pages():
             ("https://shop.example/", fixture("web_garbage.txt"))]
 
 
-def newer_context(pages):
-    return "\n".join(f'<source id="{i}" name="{name}">{text}</source>'
+def newer_context(pages, quote='"'):
+    """Open WebUI's source tags; quote="'" writes them as some other clients do."""
+    q = quote
+    return "\n".join(f'<source id={q}{i}{q} name={q}{name}{q}>{text}</source>'
                      for i, (name, text) in enumerate(pages, start=1))
 
 
