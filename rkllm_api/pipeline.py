@@ -69,6 +69,16 @@ class ReasoningDelta(ContentDelta):
     __slots__ = ()
 
 
+class ReasoningRetracted:
+    """The reasoning sent so far was the answer (thinking.ANSWER): the ContentDelta
+    that follows repeats it as content. A whole reply drops its reasoning; a stream
+    cannot take back what it sent, so renderers ignore this event."""
+    __slots__ = ()
+
+
+REASONING_RETRACTED = ReasoningRetracted()
+
+
 class ToolCallDelta:
     """OpenAI tool-call deltas: [{index, id?, type?, function: {name?, arguments}}]."""
     __slots__ = ("calls",)
@@ -233,6 +243,8 @@ class AnswerSoFar:
             self._content.append(event.text)
         elif kind is ReasoningDelta:
             self._reasoning.append(event.text)
+        elif kind is ReasoningRetracted:
+            self._reasoning = []
         elif kind is ToolCallDelta:
             for delta in event.calls:
                 merge_tool_call_delta(self.calls, delta)
@@ -298,11 +310,16 @@ class ThinkingTransform:
 
     def __call__(self, events: Iterator) -> Iterator:
         splitter = thinking.ThinkSplitter(starts_inside=self.starts_inside)
-        reasoning_kind = thinking.REASONING
+        reasoning_kind, answer_kind = thinking.REASONING, thinking.ANSWER
 
         def deltas(pairs):
             for kind, text in pairs:
-                yield ReasoningDelta(text) if kind == reasoning_kind else ContentDelta(text)
+                if kind == reasoning_kind:
+                    yield ReasoningDelta(text)
+                    continue
+                if kind == answer_kind:
+                    yield REASONING_RETRACTED
+                yield ContentDelta(text)
 
         for event in events:
             kind = type(event)

@@ -363,6 +363,22 @@ def test_thinking_model_splits_reasoning_in_json_and_stream(server):
     assert all("reasoning_content" not in d for d in deltas[first_content:])
 
 
+def test_an_answer_that_never_closes_think_is_content(server):
+    """A model treated as thinking that never writes </think> (a non-thinking
+    Qwen3 Instruct-2507): the text is the answer, on both surfaces, never empty."""
+    reply = "@@reply:Paris is the capital.\nIt lies on the Seine.@@"
+    message = server.post(CHAT, json=think(reply)).json()["choices"][0]["message"]
+    assert server.record.last("run")["enable_thinking"] is True
+    assert message["content"] == "Paris is the capital.\nIt lies on the Seine."
+    assert not message.get("reasoning_content")
+    _, payloads = server.stream_chat(think(reply))
+    assert streamed_content(payloads) == "Paris is the capital.\nIt lies on the Seine."
+    ollama = server.post("/api/chat", json={"model": THINKING_MODEL, "stream": False,
+                                            "messages": think(reply)["messages"]}).json()
+    assert ollama["message"]["content"] == "Paris is the capital.\nIt lies on the Seine."
+    assert not ollama["message"].get("thinking")
+
+
 @pytest.mark.parametrize("switch", [{"chat_template_kwargs": {"enable_thinking": False}},
                                     {"reasoning_effort": "none"}])
 def test_request_switches_thinking_off(server, switch):

@@ -13,8 +13,14 @@ def run_chunks(chunks, starts_inside=False):
         events.extend(splitter.feed(chunk))
     events.extend(splitter.finish())
     for kind, text in events:
-        assert kind in ("reasoning", "content")
+        assert kind in ("reasoning", "content", "answer")
         assert text, "no empty events"
+    if events and events[-1][0] == "answer":
+        # The whole reply's view: the reasoning was the answer (thinking.ANSWER).
+        assert all(k == "reasoning" for k, _ in events[:-1])
+        assert "".join(t for _, t in events[:-1]) == events[-1][1]
+        return "", events[-1][1], events
+    assert "answer" not in [k for k, _ in events]
     reasoning = "".join(t for k, t in events if k == "reasoning")
     content = "".join(t for k, t in events if k == "content")
     return reasoning, content, events
@@ -112,12 +118,31 @@ def test_close_before_open_in_stream_drops_the_tag():
     assert content == "stepsvisible"
 
 
-def test_unclosed_block_is_flushed_as_reasoning():
+def test_an_unclosed_block_without_content_is_the_answer():
+    """Never an empty answer because of the parsing: with no `</think>` and no
+    content, what was streamed as reasoning is handed back as the answer."""
     text = "<think>\nstill thinking when the tokens ran out </th"
     for cut in range(len(text) + 1):
         reasoning, content, events = run_chunks([text[:cut], text[cut:]])
-        assert reasoning == "still thinking when the tokens ran out </th"
-        assert content == ""
+        assert (reasoning, content) == ("", "still thinking when the tokens ran out </th")
+        assert events[-1][0] == "answer"
+    assert split_think(text) == ("", "still thinking when the tokens ran out </th")
+
+
+def test_an_unclosed_block_after_content_stays_reasoning():
+    text = "<think>a</think>\nFirst answer.\n<think>\nmore thoughts that never end"
+    for cut in range(len(text) + 1):
+        reasoning, content, events = run_chunks([text[:cut], text[cut:]])
+        assert reasoning == "amore thoughts that never end"
+        assert content == "First answer.\n"
+        assert "answer" not in [k for k, _ in events]
+
+
+def test_a_closed_empty_answer_is_not_turned_into_content():
+    # The model thought and then said nothing: that is its answer, not ours to invent.
+    for starts_inside in (False, True):
+        reasoning, content, events = run_chunks(["<think>x</think>\n"], starts_inside)
+        assert (reasoning, content) == ("x", "")
 
 
 def test_multiple_blocks():
@@ -204,6 +229,11 @@ def test_starts_inside_with_an_immediate_close():
         assert kinds_in_order(events) == ["content"]
 
 
-def test_no_tags_with_starts_inside_is_all_reasoning():
-    # The documented risk of starts_inside: an answer without </think> stays reasoning.
-    assert run_chunks(["Just an answer."], starts_inside=True)[:2] == ("Just an answer.", "")
+def test_no_tags_with_starts_inside_is_the_answer():
+    """A non-thinking model behind a template that opens the block (Qwen3
+    Instruct-2507) never writes </think>: its text is the answer, not reasoning."""
+    text = "Just an answer.\nIn two lines."
+    for cut in range(len(text) + 1):
+        reasoning, content, events = run_chunks([text[:cut], text[cut:]], starts_inside=True)
+        assert (reasoning, content) == ("", text)
+        assert kinds_in_order(events) == ["reasoning", "answer"]

@@ -19,7 +19,13 @@ by the client):
   `<think>` is dropped from the stream; the text already streamed stays content
   (it cannot be taken back), whereas `split_think` on a whole text moves it to
   reasoning.
-- An unclosed block at the end is reasoning.
+- A block that never closes, in an answer with no content at all, was the answer:
+  a model the server treats as thinking may never write `</think>` (a non-thinking
+  Qwen3 "Instruct-2507" behind a template that opens the block, a model that skips
+  it). finish() then hands the whole text back as ANSWER, so the reply's content is
+  never empty because of this parsing. (A stream has already sent it as reasoning;
+  the pipeline retracts that for whole replies.) An unclosed block after some
+  content stays reasoning.
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ OPEN_TAG = "<think>"
 CLOSE_TAG = "</think>"
 REASONING = "reasoning"
 CONTENT = "content"
+ANSWER = "answer"     # reasoning so far was the answer after all (see the rules)
 
 
 class ThinkSplitter:
@@ -47,6 +54,9 @@ class ThinkSplitter:
         self._in_fence = False         # content is inside a ``` code fence
         self._line_head = ""           # start of the current content line
         self._any_tag = starts_inside  # a block was opened or closed already
+        self._closed = False           # a `</think>` was seen
+        self._has_content = False      # content beyond whitespace was emitted
+        self._reasoning: list = []     # every reasoning piece, for ANSWER
         self._out: list = []
 
     def feed(self, text: str) -> list:
@@ -56,6 +66,8 @@ class ThinkSplitter:
 
     def finish(self) -> list:
         self._process(final=True)
+        if not self._closed and not self._has_content and self._reasoning:
+            self._out.append((ANSWER, "".join(self._reasoning)))
         return self._take()
 
     # -- internals -----------------------------------------------------------
@@ -67,6 +79,10 @@ class ThinkSplitter:
     def _emit(self, kind: str, text: str) -> None:
         if not text:
             return
+        if kind == REASONING:
+            self._reasoning.append(text)
+        elif not self._has_content and not text.isspace():
+            self._has_content = True
         if self._out and self._out[-1][0] == kind:
             self._out[-1] = (kind, self._out[-1][1] + text)
         else:
@@ -115,6 +131,7 @@ class ThinkSplitter:
         self._skip_ws = True
 
     def _close_block(self) -> None:
+        self._closed = True
         self._inside = False
         self._any_tag = True
         self._skip_ws = True
@@ -191,6 +208,8 @@ def split_think(text: str, starts_inside: bool = False) -> tuple:
             starts_inside = True   # the template opened the block
     splitter = ThinkSplitter(starts_inside=starts_inside)
     parts = splitter.feed(text) + splitter.finish()
+    if parts and parts[-1][0] == ANSWER:
+        return "", parts[-1][1]
     reasoning = "".join(t for kind, t in parts if kind == REASONING)
     content = "".join(t for kind, t in parts if kind == CONTENT)
     return reasoning, content
