@@ -26,12 +26,13 @@ import os
 import re
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
-from rkllm_api.runtimes.base import (Capabilities, EmbeddingInputError, EventKind, EventSink,
-                                     FinishReason, PerfStats, RunMode, RunRequest, RunResult,
-                                     RuntimeLoadError, SamplingParams, TokenEvent)
+from rkllm_api.runtimes.base import (IMAGE_MARKER, Capabilities, EmbeddingInputError,
+                                     EventKind, EventSink, FinishReason, ImageTags, PerfStats,
+                                     RunMode, RunRequest, RunResult, RuntimeLoadError,
+                                     SamplingParams, TokenEvent)
 
 log = logging.getLogger(__name__)
 
@@ -658,14 +659,24 @@ _ERROR = int(LLMCallState.ERROR)
 _RELEASE_OUTPUT = 2  # 1.3 result callback: "done with this output, release it"
 
 
+def common_prefix_length(held, wanted) -> int:
+    """How many leading tokens two sequences share."""
+    n = min(len(held), len(wanted))
+    for index in range(n):
+        if held[index] != wanted[index]:
+            return index
+    return n
+
+
 class _Run:
     """The state of one rkllm_run, read and written by the result callback."""
 
     __slots__ = ("sink", "decode", "pieces", "tokens", "limit", "count_limit", "limit_hit",
                  "abort_requested", "abort_forwarded", "embedding_mode", "hidden",
-                 "perf", "error", "sink_error")
+                 "logits_mode", "logits", "perf", "error", "sink_error")
 
-    def __init__(self, sink: EventSink, limit: int, count_limit: bool, embedding_mode: bool):
+    def __init__(self, sink: EventSink, limit: int, count_limit: bool, embedding_mode: bool,
+                 logits_mode: bool = False):
         self.sink = sink
         # Completes split multi-byte characters across callbacks; invalid bytes
         # become U+FFFD rather than an exception in the callback.
@@ -679,6 +690,8 @@ class _Run:
         self.abort_forwarded = False
         self.embedding_mode = embedding_mode
         self.hidden = None          # embedding mode: the rows, copied out of C memory
+        self.logits_mode = logits_mode
+        self.logits = None          # logits mode: the last position's row, copied out
         self.perf: Optional[PerfStats] = None
         self.error: Optional[str] = None
         self.sink_error: Optional[BaseException] = None
@@ -693,12 +706,18 @@ class RKLLMRuntime:
     # Hidden-layer runs go through the generation context: kept turns would be their
     # context (embeddings_share_context). Token-id inputs are not taken: librkllmrt
     # exposes no vocabulary to check ids against.
+    # Logits runs (GET_LOGITS, reranking) share it too; without a tokenizer their
+    # choices must be token ids.
     capabilities = Capabilities(snapshots_at_prefill=True, prompt_caches=True,
                                 embeddings=True, embeddings_share_context=True,
-                                lora=True, counts_tokens=False)
+                                lora=True, counts_tokens=False, next_token_logits=True,
+                                logits_share_context=True)
 
     def __init__(self, model_path: str, *, context_length: int, settings=None,
-                 init_sampling: Optional[SamplingParams] = None, base_domain_id: int = 0):
+                 init_sampling: Optional[SamplingParams] = None, base_domain_id: int = 0,
+                 image_tags: Optional[ImageTags] = None):
+        """image_tags: a vision-language model's image start/end/content text; the
+        runtime then takes RunRequest.images (1.2 needs the tags at init, 1.3 per run)."""
         if settings is None:
             from rkllm_api.config import Settings
             settings = Settings.from_env()
@@ -721,7 +740,13 @@ class RKLLMRuntime:
         self._embedding_width: Optional[int] = None
         self._loras: dict = {}   # (adapter name, scale) -> the name librkllmrt knows it by
         self._handle = LLMHandle()
+        self._image_tags = None
+        if image_tags is not None:
+            self._image_tags = tuple(text.encode("utf-8") for text in
+                                     (image_tags.start, image_tags.end, image_tags.content))
+            self.capabilities = replace(type(self).capabilities, images=True)
         self._init(init_sampling or SamplingParams(), base_domain_id)
+        self._setup_turns()
 
     # --- loading
 
@@ -743,6 +768,9 @@ class RKLLMRuntime:
         param.extend_param.enabled_cpus_num = BIG_CORES_COUNT
         param.extend_param.enabled_cpus_mask = BIG_CORES_MASK
         param.extend_param.n_batch = 1
+        if self._image_tags is not None and self.abi == "1.2":
+            # 1.2 reads the image tags once, here; the bytes live in self._image_tags.
+            param.img_start, param.img_end, param.img_content = self._image_tags
         self._init_param = param
         # The C side holds these function pointers for the handle's whole life.
         self._result_callback = LLMResultCallback(self._on_result)
@@ -769,6 +797,8 @@ class RKLLMRuntime:
             if state <= _WAITING:  # NORMAL or WAITING
                 if run.embedding_mode:
                     return self._take_hidden_layer(run, result)
+                if run.logits_mode:
+                    return self._take_logits(run, result)
                 raw = ctypes.c_char_p.from_address(result).value
                 if raw is None:
                     return 0
@@ -789,6 +819,8 @@ class RKLLMRuntime:
             elif state == _FINISH:
                 if run.embedding_mode and run.hidden is None:
                     self._take_hidden_layer(run, result)
+                if run.logits_mode and run.logits is None:
+                    self._take_logits(run, result)
                 perf = RKLLMResult.from_address(result).perf
                 run.perf = PerfStats(prefill_ms=perf.prefill_time_ms,
                                      prefill_tokens=perf.prefill_tokens,
@@ -833,6 +865,19 @@ class RKLLMRuntime:
         run.hidden = rows.astype(numpy.float32, copy=True)
         return _RELEASE_OUTPUT if self.abi == "1.3" else 0
 
+    def _take_logits(self, run: _Run, result: int) -> int:
+        """Copy the last position's logits out of C memory (the header does not say
+        whether librkllmrt gives one row or one per prompt token: the last row is the
+        next token's either way). Released on 1.3 like a hidden layer."""
+        block = RKLLMResult.from_address(result).logits
+        if not block.logits or block.vocab_size <= 0 or block.num_tokens <= 0:
+            return 0
+        import numpy  # only reranking needs it
+        rows = numpy.ctypeslib.as_array(block.logits,
+                                        shape=(block.num_tokens, block.vocab_size))
+        run.logits = rows[-1].astype(numpy.float32, copy=True)
+        return _RELEASE_OUTPUT if self.abi == "1.3" else 0
+
     # --- running
 
     def run(self, request: RunRequest, on_event: EventSink) -> RunResult:
@@ -845,12 +890,104 @@ class RKLLMRuntime:
             self._run_lock.release()
 
     def _run_locked(self, request: RunRequest, on_event: EventSink) -> RunResult:
+        if request.messages and self._turns is not None and request.mode is RunMode.GENERATE:
+            return self._run_turns(request, on_event)
+        if request.mode is not RunMode.EMBED:
+            self._held = None   # a text turn: what the cache holds is the runtime's own
         limit = request.max_new_tokens or self.default_max_new_tokens
         embedding_mode = request.mode is RunMode.EMBED
-        run = _Run(on_event, limit, count_limit=(self.abi == "1.2"), embedding_mode=embedding_mode)
+        run = _Run(on_event, limit, count_limit=(self.abi == "1.2"), embedding_mode=embedding_mode,
+                   logits_mode=request.mode is RunMode.LOGITS)
         keep_alive = []  # every buffer C may read during the run
         c_input = self._build_input(request, keep_alive)
         infer, unapplied = self._build_infer_param(request, limit, keep_alive)
+        return self._call_run(run, c_input, infer, unapplied)
+
+    # --- real turns: the model folder's tokenizer (runtimes/hf_template.py)
+    # The server renders the conversation with the model's template and sends token
+    # ids (RKLLM_INPUT_TOKEN: no template applied by the runtime). `_held` is the
+    # prompt of the last kept run: token ids known to start the KV cache (None =
+    # unknown). A new prompt keeps their longest common prefix; the cache beyond it
+    # is cleared with rkllm_clear_kv_cache's position range. The answer that followed
+    # is not counted as held (whether the runtime keeps its end token is not known),
+    # so it is prefilled again as part of the next prompt. Not verified on hardware.
+
+    def _setup_turns(self) -> None:
+        from rkllm_api.runtimes.hf_template import TemplateTokenizer
+        self._turns = TemplateTokenizer.from_folder(os.path.dirname(self.model_path))
+        self._held: Optional[list] = []
+        self._held_adapter = None
+        if self._turns is not None:
+            self.capabilities = replace(self.capabilities, chat_turns=True, counts_tokens=True)
+
+    def _run_turns(self, request: RunRequest, on_event: EventSink) -> RunResult:
+        try:
+            tokens = self._turns.conversation_tokens(request.messages, request.enable_thinking)
+        except Exception:  # a template that refuses these turns: the text prompt, alone
+            log.warning("the chat template refused the conversation; sending it as text",
+                        exc_info=True)
+            self._clear(1, None)
+            return self._run_locked(replace(request, messages=()), on_event)
+        if not tokens or len(tokens) >= self.context_length:
+            return self._refuse(on_event, f"prompt is too long: {len(tokens)} tokens, but the "
+                                          f"context window has {self.context_length}")
+        adapter = (request.lora_adapter, float(request.lora_scale)) if request.lora_adapter else None
+        keep = 0
+        if self._held is not None and adapter == self._held_adapter:
+            keep = min(common_prefix_length(self._held, tokens), len(tokens) - 1)
+        self._held = None   # until the run has ended well
+        self._keep_prefix(keep)
+        result = self._run_ids(request, tokens[keep:], on_event)
+        if result.finish_reason in (FinishReason.STOP, FinishReason.LENGTH):
+            self._held = tokens if request.keep_history else tokens[:keep]
+            self._held_adapter = adapter
+        result.prompt_tokens = len(tokens)
+        return result
+
+    def _keep_prefix(self, keep: int) -> None:
+        """Make the KV cache hold its first `keep` positions only (called inside a
+        run's lock, so the library is called directly)."""
+        if keep <= 0:
+            self._clear(1, None)
+            return
+        size = None
+        if self._api.has("rkllm_get_kv_cache_size"):
+            sizes = (ctypes.c_int * _KV_SIZE_SLOTS)()
+            if self._api.rkllm_get_kv_cache_size(self._handle, sizes) == 0:
+                size = sizes[0]
+        if size is None or size > keep:
+            self._clear(1, (keep, size if size is not None else self.context_length))
+
+    def _clear(self, keep_system_prompt: int, positions: Optional[tuple]) -> None:
+        start = end = None
+        if positions is not None:
+            start, end = ctypes.c_int(positions[0]), ctypes.c_int(positions[1])
+        status = self._api.rkllm_clear_kv_cache(
+            self._handle, keep_system_prompt,
+            ctypes.byref(start) if start is not None else None,
+            ctypes.byref(end) if end is not None else None)
+        if status != 0:
+            self._held = None
+            raise RuntimeLoadError(f"rkllm_clear_kv_cache failed (code {status})")
+
+    def _run_ids(self, request: RunRequest, ids: list, on_event: EventSink) -> RunResult:
+        """One generation run whose input is token ids."""
+        limit = request.max_new_tokens or self.default_max_new_tokens
+        run = _Run(on_event, limit, count_limit=(self.abi == "1.2"), embedding_mode=False)
+        buffer = (ctypes.c_int32 * len(ids))(*ids)
+        role = (request.role or "user").encode("utf-8")
+        keep_alive = [buffer, role]
+        c_input = self._api.Input()
+        c_input.role = role
+        c_input.enable_thinking = bool(request.enable_thinking)
+        c_input.input_type = RKLLMInputType.TOKEN
+        c_input.token_input.input_ids = ctypes.cast(buffer, ctypes.POINTER(ctypes.c_int32))
+        c_input.token_input.n_tokens = len(ids)
+        infer, unapplied = self._build_infer_param(request, limit, keep_alive)
+        return self._call_run(run, c_input, infer, unapplied)
+
+    def _call_run(self, run: "_Run", c_input, infer, unapplied: tuple) -> RunResult:
+        """rkllm_run with the input built (text, tokens or multimodal), then the result."""
         started = time.monotonic()
         self._current = run
         try:
@@ -860,6 +997,14 @@ class RKLLMRuntime:
             self._current = None
         return self._conclude(run, status, unapplied, time.monotonic() - started)
 
+    @staticmethod
+    def _refuse(on_event: EventSink, message: str) -> RunResult:
+        try:
+            on_event(TokenEvent(EventKind.ERROR, error=message, finish_reason=FinishReason.ERROR))
+        except Exception:
+            log.exception("event sink failed on the final error event")
+        return RunResult("", FinishReason.ERROR, PerfStats(), error=message)
+
     def _build_input(self, request: RunRequest, keep_alive: list):
         prompt = request.prompt.encode("utf-8")
         role = (request.role or "user").encode("utf-8")
@@ -867,14 +1012,56 @@ class RKLLMRuntime:
         c_input = self._api.Input()
         c_input.role = role
         c_input.enable_thinking = bool(request.enable_thinking)
-        c_input.input_type = RKLLMInputType.PROMPT
-        c_input.prompt_input = prompt
+        images = self._images_in(request)
+        if not images:
+            c_input.input_type = RKLLMInputType.PROMPT
+            c_input.prompt_input = prompt
+            return c_input
+        c_input.input_type = RKLLMInputType.MULTIMODAL
+        self._fill_multimodal(c_input.multimodal_input, prompt, images, keep_alive)
         return c_input
+
+    def _images_in(self, request: RunRequest) -> tuple:
+        """The images this run's prompt shows: one per IMAGE_MARKER, the last ones of
+        request.images (a tail-only prompt carries only the newest turns' images)."""
+        wanted = request.prompt.count(IMAGE_MARKER) if request.images else 0
+        if not wanted:
+            return ()
+        if self._image_tags is None:
+            raise RuntimeError(f"{self.model_path} was loaded without image tags; it "
+                               "cannot take images")
+        if wanted > len(request.images):
+            raise RuntimeError(f"the prompt shows {wanted} images but the run carries "
+                               f"{len(request.images)}")
+        images = tuple(request.images[-wanted:])
+        if len({(i.rows.shape, i.width, i.height) for i in images}) != 1:
+            raise RuntimeError("the images of one run must come from one encoder")
+        return images
+
+    def _fill_multimodal(self, target, prompt: bytes, images: tuple, keep_alive: list) -> None:
+        """RKLLMMultiModalInput: the prompt with its markers, every image's rows in one
+        float32 block, n_image x n_image_tokens, the encoder's input size; on 1.3 the
+        image tags travel here (on 1.2 they were given at init)."""
+        import numpy  # only vision models get here
+        block = numpy.ascontiguousarray(numpy.concatenate([i.rows for i in images]),
+                                        dtype=numpy.float32)
+        keep_alive.append(block)
+        target.prompt = prompt
+        image = target if self.abi == "1.2" else target.image
+        image.image_embed = block.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        image.n_image = len(images)
+        image.n_image_tokens = images[0].rows.shape[0]
+        image.image_width, image.image_height = images[0].width, images[0].height
+        if self.abi != "1.2":
+            image.image_start, image.image_end, image.image_content = self._image_tags
 
     def _build_infer_param(self, request: RunRequest, limit: int, keep_alive: list):
         infer = self._api.InferParam()
         if request.mode is RunMode.EMBED:
             infer.mode = RKLLMInferMode.GET_LAST_HIDDEN_LAYER
+            infer.keep_history = 0
+        elif request.mode is RunMode.LOGITS:
+            infer.mode = RKLLMInferMode.GET_LOGITS
             infer.keep_history = 0
         else:
             infer.mode = RKLLMInferMode.GENERATE
@@ -942,13 +1129,14 @@ class RKLLMRuntime:
                              unapplied_sampling=unapplied)
         if run.abort_requested:
             reason = FinishReason.ABORTED
-        elif run.limit_hit or (not run.embedding_mode and run.tokens >= run.limit):
+        elif run.limit_hit or (not (run.embedding_mode or run.logits_mode)
+                               and run.tokens >= run.limit):
             reason = FinishReason.LENGTH
         else:
             reason = FinishReason.STOP
         self._deliver(run, TokenEvent(EventKind.FINISH, perf=perf, finish_reason=reason))
         return RunResult(text, reason, perf, unapplied_sampling=unapplied,
-                         hidden_states=run.hidden)
+                         hidden_states=run.hidden, logits=run.logits)
 
     @staticmethod
     def _deliver(run: _Run, event: TokenEvent) -> None:
@@ -1003,6 +1191,38 @@ class RKLLMRuntime:
         self._embedding_width = int(result.hidden_states.shape[1])
         return result.hidden_states
 
+    # --- reranking
+
+    def next_token_logits(self, prompts: Sequence[str], choices: Sequence,
+                          system: str = "", truncate: bool = True) -> list:
+        """One GET_LOGITS run per prompt (keep_history=0, thinking off): the chosen
+        entries of the logits after it. librkllmrt applies the model's chat template
+        with its own system prompt and takes none per run, so `system` leads the
+        user turn. Choices must be token ids (no tokenizer here); the length check
+        uses the character estimate, as for embeddings."""
+        ids = []
+        for choice in choices:
+            if isinstance(choice, str) or isinstance(choice, bool):
+                raise EmbeddingInputError("the NPU runtime has no tokenizer: choices must "
+                                          "be token ids", -1)
+            ids.append(int(choice))
+        found = []
+        for index, prompt in enumerate(prompts):
+            if not isinstance(prompt, str) or not prompt:
+                raise EmbeddingInputError("a prompt is empty", index)
+            text = self._embedding_text(f"{system}\n\n{prompt}" if system else prompt,
+                                        index, truncate)
+            result = self.run(RunRequest(prompt=text, mode=RunMode.LOGITS), _ignore_event)
+            if result.error or result.logits is None:
+                raise RuntimeError(result.error or "no logits returned")
+            vocab = int(result.logits.shape[0])
+            bad = next((t for t in ids if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise EmbeddingInputError(f"token id {bad} is outside the vocabulary "
+                                          f"(0 to {vocab - 1})", -1)
+            found.append([float(result.logits[t]) for t in ids])
+        return found
+
     @property
     def embedding_width(self) -> int:
         """Width of the hidden layer; librkllmrt does not tell it up front, so it is
@@ -1019,6 +1239,7 @@ class RKLLMRuntime:
     def clear_kv_cache(self, keep_system_prompt: bool = True) -> None:
         with self._idle("clear the KV cache"):
             status = self._api.rkllm_clear_kv_cache(self._handle, 1 if keep_system_prompt else 0)
+        self._held = [] if status == 0 else None
         if status != 0:
             raise RuntimeLoadError(f"rkllm_clear_kv_cache failed (code {status})")
 
@@ -1035,6 +1256,7 @@ class RKLLMRuntime:
     def load_prompt_cache(self, path: str) -> None:
         if not os.path.isfile(path):
             raise RuntimeLoadError(f"prompt cache file not found: {path}")
+        self._held = None   # the file's tokens are not known
         with self._idle("load a prompt cache"):
             status = self._api.rkllm_load_prompt_cache(self._handle, os.fsencode(path))
         if status != 0:
@@ -1059,12 +1281,15 @@ class RKLLMRuntime:
         return tuple(name for name in sampling.given() if name not in _SAMPLING_ON_PARAM)
 
     def release_prompt_cache(self) -> None:
+        self._held = None
         with self._idle("release the prompt cache"):
             status = self._api.rkllm_release_prompt_cache(self._handle)
         if status != 0:
             raise RuntimeLoadError(f"rkllm_release_prompt_cache failed (code {status})")
 
     def count_tokens(self, text: str) -> Optional[int]:
+        if self._turns is not None:   # the model folder's own tokenizer
+            return self._turns.count(text)
         return None  # librkllmrt does not expose its tokenizer
 
     # --- model-level settings
@@ -1089,6 +1314,7 @@ class RKLLMRuntime:
     def set_chat_template(self, system_prompt: str, prompt_prefix: str,
                           prompt_postfix: str) -> None:
         """Replaces the model's template (the runtime clears the KV cache when it does)."""
+        self._held = None
         with self._idle("set the chat template"):
             status = self._api.rkllm_set_chat_template(
                 self._handle, system_prompt.encode(), prompt_prefix.encode(),

@@ -5,7 +5,7 @@
 #                                source) and the demo model SmolLM2-135M into ./.venv
 #   ./setup.sh --test            the same plus the test tools; as root it also installs
 #                                the Debian packages the tests use (systemd-analyze,
-#                                chromium and chromium-driver)
+#                                chromium and chromium-driver, strace)
 #   sudo ./setup.sh --service    system user rkllm-api, /etc/rkllm-api/rkllm-api.env and
 #                                rkllm-api.service (enabled and started)
 #   sudo ./setup.sh --governor   (opt-in) a unit setting the NPU/CPU frequency
@@ -117,8 +117,9 @@ install_venv() {
 }
 
 # Debian packages the test suite uses, as package:command pairs: systemd-analyze checks
-# the units; chromium and its driver run the page at / in tests/test_page.py.
-TEST_PACKAGES="systemd:systemd-analyze chromium:chromium chromium-driver:chromedriver"
+# the units; chromium and its driver run the page at / in tests/test_page.py; strace
+# records where the LiteLLM proxy connects in tests/test_several_boards.py.
+TEST_PACKAGES="systemd:systemd-analyze chromium:chromium chromium-driver:chromedriver strace:strace"
 
 install_test_packages() {
     local pair package command

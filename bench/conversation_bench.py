@@ -7,7 +7,14 @@ Prints, in one run (about 1-3 minutes on a small machine):
    reuse vs a forced full re-prefill every turn (KV_REUSE=0); ratio at turn 10;
 2. two interleaved 5-turn chats with conversation snapshots vs without (KV_SNAPSHOTS=0);
 3. cold TTFT (freshly loaded model, first request) with a ~1500-token system prompt
-   with vs without the system prompt cache.
+   with vs without the system prompt cache (the cache is made for a system text seen
+   before: the bench shows it to a first engine twice);
+4. edit and regenerate: after a 5-turn chat, the last message edited, then the same
+   request again (regenerate): prefill tokens with longest-common-prefix reuse vs
+   KV_REUSE=0;
+5. a long chat at a 1024-token context (30 turns): prefill tokens per turn, ours vs
+   full, and how many turns prefilled more than half their prompt (the sliding
+   window drops turns in quarter-context steps).
 Everything goes through engine.Engine, as the HTTP layer drives it.
 """
 from __future__ import annotations
@@ -45,17 +52,19 @@ _ids = itertools.count()
 
 
 def make_engine(cache_dir: str, threads: int, **overrides) -> Engine:
-    settings = Settings(include_bundled_model=True, models_root=os.path.join(cache_dir, "none"),
-                        cpu_threads=threads, idle_unload_seconds=0, heartbeat_seconds=0,
-                        gguf_max_context_length=8192, kv_cache_dir=cache_dir, **overrides)
+    values = dict(include_bundled_model=True, models_root=os.path.join(cache_dir, "none"),
+                  cpu_threads=threads, idle_unload_seconds=0, heartbeat_seconds=0,
+                  gguf_max_context_length=8192, kv_cache_dir=cache_dir)
+    settings = Settings(**{**values, **overrides})
     engine = Engine(settings, Registry(settings))
     engine.start()
     return engine
 
 
-def ask(engine: Engine, messages: list) -> tuple:
+def ask(engine: Engine, messages: list, context: int = 8192) -> tuple:
     """One turn: (answer, ttft seconds, prefilled tokens, kv mode)."""
-    built = PromptBuilder(engine.settings).build_chat(parse_messages(messages), context_length=8192)
+    built = PromptBuilder(engine.settings).build_chat(parse_messages(messages),
+                                                      context_length=context)
     run = RunRequest(prompt=built.text, keep_history=True, max_new_tokens=ANSWER_TOKENS,
                      sampling=GREEDY)
     started = time.perf_counter()
@@ -133,7 +142,10 @@ def cold_system_prompt(threads: int) -> None:
     figures = {}
     with tempfile.TemporaryDirectory() as cache:
         warm = make_engine(cache, threads)
-        ask(warm, messages)          # first use: saves the system prompt cache
+        ask(warm, messages)          # seen once: no cache yet
+        ask(warm, [messages[0], {"role": "user", "content": "Hi."}])
+        ask(warm, [{"role": "user", "content": "Something else."}])
+        ask(warm, messages)          # seen before, not held: saves the system prompt cache
         warm.shutdown()
         for label, enabled in (("with cache", True), ("without", False)):
             engine = make_engine(cache, threads, system_prompt_cache=enabled)
@@ -145,14 +157,65 @@ def cold_system_prompt(threads: int) -> None:
     print(f"   without/with cache TTFT ratio {figures['without'] / figures['with cache']:.1f}x")
 
 
+def edit_and_regenerate(threads: int) -> None:
+    print("4. after a 5-turn chat: prefill tokens of an edited last message and of a "
+          "regenerated answer")
+    figures = {}
+    for label, reuse in (("ours", True), ("full", False)):
+        with tempfile.TemporaryDirectory() as cache:
+            engine = make_engine(cache, threads, kv_reuse=reuse)
+            engine.load(MODEL)
+            messages = []
+            for question in QUESTIONS[:5]:
+                messages.append({"role": "user", "content": question})
+                answer, _, _, _ = ask(engine, messages)
+                messages.append({"role": "assistant", "content": answer})
+            messages.append({"role": "user", "content": "Who made the first safety bicycle?"})
+            ask(engine, messages)
+            edited = messages[:-1] + [{"role": "user", "content":
+                                       "Who made the first safety bicycle in England?"}]
+            _, _, edit_prefill, _ = ask(engine, edited)
+            _, _, regen_prefill, _ = ask(engine, edited)
+            figures[label] = (edit_prefill, regen_prefill)
+            engine.shutdown()
+    for index, case in enumerate(("edit", "regenerate")):
+        ours, full = figures["ours"][index], figures["full"][index]
+        print(f"   {case:10s} ours {ours:5d}  full {full:5d}  full/ours {full / max(ours, 1):.0f}x")
+
+
+def long_chat(threads: int) -> None:
+    print("5. 30-turn chat at a 1024-token context: prefill tokens per turn")
+    rows = {}
+    for label, reuse in (("ours", True), ("full", False)):
+        with tempfile.TemporaryDirectory() as cache:
+            engine = make_engine(cache, threads, kv_reuse=reuse, gguf_max_context_length=1024)
+            engine.load(MODEL)
+            messages, rows[label] = [], []
+            for turn in range(30):
+                messages.append({"role": "user", "content": QUESTIONS[turn % len(QUESTIONS)]})
+                answer, _, prefilled, _ = ask(engine, messages, context=1024)
+                messages.append({"role": "assistant", "content": answer})
+                rows[label].append(prefilled)
+            engine.shutdown()
+    print("   turn   ours   full")
+    for turn, (ours, full) in enumerate(zip(rows["ours"], rows["full"]), 1):
+        print(f"   {turn:4d}  {ours:5d}  {full:5d}")
+    big = sum(1 for ours, full in zip(rows["ours"], rows["full"]) if ours > full / 2)
+    print(f"   total ours {sum(rows['ours'])}, full {sum(rows['full'])} "
+          f"(full/ours {sum(rows['full']) / max(sum(rows['ours']), 1):.1f}x); "
+          f"turns prefilling more than half their prompt: {big} of 30")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=1, help="llama.cpp threads (default 1)")
+    parser.add_argument("--only", type=int, nargs="*", help="run only these parts (1-5)")
     args = parser.parse_args()
     started = time.perf_counter()
-    ten_turns(args.threads)
-    interleaved(args.threads)
-    cold_system_prompt(args.threads)
+    parts = (ten_turns, interleaved, cold_system_prompt, edit_and_regenerate, long_chat)
+    for number, part in enumerate(parts, 1):
+        if not args.only or number in args.only:
+            part(args.threads)
     print(f"done in {time.perf_counter() - started:.0f} s")
 
 

@@ -7,9 +7,13 @@ Prints, side by side in one run:
   - their ratio (the share of the runtime's rate the server delivers),
   - request-to-first-byte time of a short streamed chat (request sent on a new
     connection -> response headers and role chunk; median of --first-byte-runs), and
-  - the same round trip for GET /ready: the HTTP floor of this machine.
+  - the same round trip for GET /ready: the HTTP floor of this machine;
+  - the runtime in a child process (RUNTIME_ISOLATION=1, the default) against the
+    runtime in the server's process (RUNTIME_ISOLATION=0): both servers run side by
+    side, measured alternately, and the child's rate and first byte are given as a
+    ratio of the in-process ones.
 
-Starts its own server on 127.0.0.1 (a free port) and always stops it.
+Starts its own servers on 127.0.0.1 (free ports) and always stops them.
 Usage: .venv/bin/python bench/server_bench.py [--tokens 3000] [--runs 3] [--first-byte-runs 40]
 """
 from __future__ import annotations
@@ -92,40 +96,65 @@ def ready_round_trip(port: int) -> float:
         connection.close()
 
 
+def measure(port: int, tokens: int, first_byte_runs: int) -> tuple:
+    """(streamed tok/s of one run, first byte of one short chat (s), tokens received)
+    samples; first_byte_runs short chats per call."""
+    rate, _, received = http_stream(port, tokens)
+    first_bytes = [http_stream(port, 10)[1] for _ in range(first_byte_runs)]
+    return rate, first_bytes, received
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=3000)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--first-byte-runs", type=int, default=40)
     args = parser.parse_args()
+    modes = ("in-process", "child process")
 
     with tempfile.TemporaryDirectory(prefix="server-bench-") as tmp:
         libs = {ABI: build_rkllm_double(ABI, os.path.join(tmp, "double"))}
         servers = LiveServers(tmp)
+        samples = {mode: {"rates": [], "first": [], "received": []} for mode in modes}
         try:
-            server = start_npu_server(servers, libs, FAKE_RKLLM_RECORD="",
-                                      RKLLM_API_LOG_LEVEL="WARNING")
+            started = {mode: start_npu_server(servers, libs, FAKE_RKLLM_RECORD="",
+                                              RKLLM_API_LOG_LEVEL="WARNING",
+                                              RUNTIME_ISOLATION=str(int(mode != modes[0])))
+                       for mode in modes}
+            server = started[modes[0]]
             model_file = os.path.join(server.env["RKLLM_MODELS_ROOT"], NPU_MODEL_ID,
                                       f"{NPU_MODEL_ID}.rkllm")
-            http_stream(server.port, 10)  # load the model before measuring
-            results = [http_stream(server.port, args.tokens) for _ in range(args.runs)]
-            first_bytes = [http_stream(server.port, 10)[1] for _ in range(args.first_byte_runs)]
+            for each in started.values():
+                http_stream(each.port, 10)  # load the model before measuring
+            per_round = max(1, args.first_byte_runs // args.runs)
+            for _ in range(args.runs):      # alternately, so both see the same machine
+                for mode in modes:
+                    rate, first, received = measure(started[mode].port, args.tokens, per_round)
+                    samples[mode]["rates"].append(rate)
+                    samples[mode]["first"] += first
+                    samples[mode]["received"].append(received)
             floors = [ready_round_trip(server.port) for _ in range(args.first_byte_runs)]
         finally:
             servers.stop_all()
         direct = direct_rate(libs[ABI], model_file, args.tokens, args.runs)
 
-    http_rate = statistics.median(r[0] for r in results)
-    first_byte_ms = statistics.median(first_bytes) * 1000
+    rate = {mode: statistics.median(samples[mode]["rates"]) for mode in modes}
+    first_ms = {mode: statistics.median(samples[mode]["first"]) * 1000 for mode in modes}
     floor_ms = statistics.median(floors) * 1000
     print(f"tokens per run: {args.tokens}, runs: {args.runs}; first byte: "
-          f"{args.first_byte_runs} short chats (medians)")
-    print(f"{'direct binding (tok/s)':<28}{'HTTP stream (tok/s)':<24}{'HTTP / direct':<16}"
-          f"{'first byte (ms)':<18}{'GET /ready (ms)':<16}")
-    print(f"{direct:<28.0f}{http_rate:<24.0f}{http_rate / direct:<16.3f}{first_byte_ms:<18.1f}"
-          f"{floor_ms:<16.1f}")
-    if any(r[2] != args.tokens for r in results):
-        print(f"warning: token counts received {[r[2] for r in results]}", file=sys.stderr)
+          f"{per_round * args.runs} short chats per mode (medians)")
+    print(f"{'runtime':<16}{'direct binding (tok/s)':<24}{'HTTP stream (tok/s)':<22}"
+          f"{'HTTP / direct':<16}{'first byte (ms)':<18}{'GET /ready (ms)':<16}")
+    for mode in modes:
+        print(f"{mode:<16}{direct:<24.0f}{rate[mode]:<22.0f}{rate[mode] / direct:<16.3f}"
+              f"{first_ms[mode]:<18.1f}{floor_ms:<16.1f}")
+    child, inside = modes[1], modes[0]
+    print(f"child / in-process: tokens/s {rate[child] / rate[inside]:.3f}, "
+          f"first byte {first_ms[child] / first_ms[inside]:.3f}")
+    for mode in modes:
+        if any(r != args.tokens for r in samples[mode]["received"]):
+            print(f"warning: {mode}: token counts received {samples[mode]['received']}",
+                  file=sys.stderr)
     return 0
 
 

@@ -13,6 +13,9 @@ input and a 256 x 1536 output it adds the double's pass over the pixels and the
 1.5 MB output copy. A real NPU takes hundreds of milliseconds per image, so both must
 stay far below that.
 
+Handoff: RKLLMRuntime.run() with 0, 1 and 4 images' rows on the librkllmrt double,
+in process and through a runtime child process: what passing the embeddings costs.
+
     .venv/bin/python bench/vision_bench.py [--repeats 7] [--calls 2000]
 """
 from __future__ import annotations
@@ -101,6 +104,40 @@ def encoder_table(work_dir: str, calls: int) -> list:
     return rows
 
 
+def handoff_table(work_dir: str, repeats: int) -> list:
+    """RKLLMRuntime.run() on the librkllmrt double (ABI 1.3) with 0, 1 and 4 images of
+    256 x 1536 rows (a Qwen2-VL-2B image at 448 x 448), one answer token: in this
+    process, and through a child process (RUNTIME_ISOLATION, where every run's
+    images are pickled across a socket)."""
+    import numpy
+    from doubles.build import build_rkllm_double
+    from rkllm_api.config import Settings
+    from rkllm_api.runtimes.base import IMAGE_MARKER, ImageEmbedding, ImageTags, RunRequest
+    from rkllm_api.runtimes.factory import open_runtime
+    from rkllm_api.runtimes.isolation import IsolatedRuntimes
+    library = build_rkllm_double("1.3", work_dir)
+    model = os.path.join(work_dir, "bench-vl.rkllm")
+    with open(model, "wb") as handle:
+        handle.write(b"FAKE-RKLLM-MODEL\n")
+    settings = Settings(rkllm_lib_path=library, rkllm_abi="1.3")
+    tags = ImageTags("<|vision_start|>", "<|vision_end|>", "<|image_pad|>")
+    rows = []
+    for where, factory in (("in process", open_runtime), ("child process", IsolatedRuntimes())):
+        runtime = factory(model, context_length=4096, settings=settings, image_tags=tags)
+        try:
+            for count in (0, 1, 4):
+                images = tuple(ImageEmbedding(numpy.full((256, 1536), 0.5, numpy.float32),
+                                              str(i), 448, 448) for i in range(count))
+                request = RunRequest(prompt=IMAGE_MARKER * count + "Hi @@count:1@@",
+                                     images=images, max_new_tokens=1)
+                runtime.run(request, lambda event: None)  # warm up
+                rows.append((where, count, median_ms(
+                    lambda: runtime.run(request, lambda event: None), repeats * 3)))
+        finally:
+            runtime.close()
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7, help="runs per preprocessing figure")
@@ -114,6 +151,9 @@ def main(argv=None) -> int:
         print("\nRknnEncoder.encode() on the librknnrt double (mean per call):")
         for label, count, us in encoder_table(work_dir, args.calls):
             print(f"  {label:34} {count:6} calls  {us:9.1f} us/call")
+        print("\nA run with images on the librkllmrt double, 1 token (median ms):")
+        for where, count, ms in handoff_table(work_dir, args.repeats):
+            print(f"  {where:14} {count} images  {ms:8.2f} ms")
     return 0
 
 

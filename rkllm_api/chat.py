@@ -29,15 +29,17 @@ from rkllm_api.engine.errors import AdapterNotFound
 from rkllm_api.engine.kvcache import CacheNameError
 from rkllm_api.errors import RequestError, model_not_found
 from rkllm_api.request import ChatRequest, CompletionRequest, Message, TextPart, last_index
-from rkllm_api.runtimes.base import RunRequest
+from rkllm_api.runtimes.base import IMAGE_MARKER, RunRequest
 from rkllm_api.structured import answer as structured_answer
 from rkllm_api.structured import schema as structured_schema
 from rkllm_api.text import clients, prompts, thinking, tools
+from rkllm_api.vision_service import VisionService, routing_target
 
 SERVER_VERSION = "0.1.0"
 UNAPPLIED_SAMPLING_HEADER = "X-RKLLM-Sampling-Unapplied"
 PREFILL_TOKENS_HEADER = "X-RKLLM-Prefill-Tokens"
 KV_MODE_HEADER = "X-RKLLM-KV"
+ROUTED_HEADER = "X-RKLLM-Routed-To"              # images sent on to a vision model (VL_ROUTING)
 CACHE_DROPPED_HEADER = "X-RKLLM-Cache-Dropped"   # a damaged named cache: removed, not used
 
 
@@ -50,6 +52,7 @@ class Reply:
     events: Iterator
     generation: object = None
     legacy_functions: bool = False
+    routed_to: str = ""          # the vision model that answered for the requested one
 
     def cancel(self) -> None:
         """Abort the run (if any) and close the event stream: the client is gone."""
@@ -63,9 +66,9 @@ class Reply:
         NPU runtime has a seed; known before the run, so streamed replies carry it
         too), and how the KV cache served the prompt (known once the run is over)."""
         generation = self.generation
+        headers = {ROUTED_HEADER: self.routed_to} if self.routed_to else {}
         if generation is None:
-            return {}
-        headers = {}
+            return headers
         unapplied = generation.unapplied_sampling
         if not unapplied and generation.result is not None:
             unapplied = generation.result.unapplied_sampling
@@ -106,10 +109,11 @@ class ChatService:
     """The request path every surface shares. Holds the prompt builder and the RAG
     response cache of one app; the engine and registry are passed in."""
 
-    def __init__(self, settings, registry, engine):
+    def __init__(self, settings, registry, engine, vision=None):
         self.settings = settings
         self.registry = registry
         self.engine = engine
+        self.vision = vision or VisionService(settings)
         self.prompt_builder = prompts.PromptBuilder(settings)
         self._rag_cache = None
         self._rag_cache_lock = threading.Lock()
@@ -162,27 +166,38 @@ class ChatService:
     def chat(self, req: ChatRequest, caller=None) -> Reply:
         """caller: the surface's responses.Caller (arrival number, disconnect probe)."""
         info, adapter = self.resolve_model_and_adapter(req.model, req.lora)
-        self._check_vision(req, info)
         task = clients.classify(req.messages, req.tools)
         # Structured output (the request's format, or the JSON an Open WebUI task
         # needs) wins over tools and thinking: the answer is that JSON and only that.
         contract = self._output_contract(req, task)
         instant = self._instant_reply(req, info, task)
-        if instant is not None:
+        if instant is not None:   # a title or tags need no look at the images
             return instant
+        routed = self._route_images(req, info)
+        if routed is not None:   # the adapter belonged to the requested model
+            info, adapter = routed, None
         enable_thinking, messages = self._decide_thinking(
             req, info, task.thinking_off or contract is not None)
         tool_spec = req.tools if contract is None else None
-        tools_prompt = (tools.render_tools_prompt(tool_spec) if contract is None
+        # tool_choice "none" keeps the tools text (an unchanged prefix for the KV
+        # cache) and a note on the newest turn says not to call.
+        tools_prompt = (tools.prefix_tools_prompt(tool_spec) if contract is None
                         else contract.instruction())
+        if task.home_assistant and contract is None:
+            # The clock line last: the device table and the tools stay a prefix.
+            messages, tools_prompt = clients.volatile_lines_last(messages, tools_prompt)
         retrieval = self._plan_retrieval(req, messages, info)
-        if contract is not None:   # the RAG cache holds answers nobody validated
+        if contract is not None or any(m.images for m in req.messages):
+            # The RAG cache holds answers nobody validated, and keys no images.
             retrieval = replace(retrieval, cache_key=None)
         cached = self._cached_reply(info, retrieval)
         if cached is not None:
             return cached
         enable_thinking = enable_thinking and not retrieval.thinking_off
-        built = self._build_chat_prompt(retrieval.messages, req, info, tools_prompt)
+        messages, images = self._vision_input(info, retrieval, req.messages)
+        built = self._build_chat_prompt(messages, req, info, tools_prompt,
+                                        final_note=tools.no_call_note(tool_spec))
+        check_image_room(built, images, prompt_window(info, req.context_length))
         if task.background or retrieval.standalone:
             # Must not disturb the conversation's KV state: run with keep_history=False.
             built = replace(built, standalone=True)
@@ -192,7 +207,8 @@ class ChatService:
                          keep_history=not built.standalone,
                          max_new_tokens=self._answer_budget(req.max_tokens, task),
                          sampling=req.sampling,
-                         response_schema=contract.grammar_text if contract else None)
+                         response_schema=contract.grammar_text if contract else None,
+                         images=images)
         run = with_adapter(run, adapter, req.use_cache)
         generation = self._start(info, run, built, req.use_cache, caller)
         transforms = self._chat_transforms(info, enable_thinking, tool_spec)
@@ -204,8 +220,10 @@ class ChatService:
                             legacy=bool(tool_spec and tool_spec.legacy))
         if adapter is not None:   # answer under the id the client can list and pick
             reply.model_id = adapters.adapter_id(info.id, adapter[0])
+        if routed is not None:
+            reply.routed_to = info.id
         if contract is not None:
-            self._validate(reply, contract, req, info, retrieval.messages, run)
+            self._validate(reply, contract, req, info, messages, run)
         return reply
 
     # -- structured output ---------------------------------------------------------
@@ -262,15 +280,38 @@ class ChatService:
 
     # -- steps --------------------------------------------------------------------
 
-    @staticmethod
-    def _check_vision(req: ChatRequest, info) -> None:
+    def _route_images(self, req: ChatRequest, info):
+        """A request with images for a model without vision: the vision model that
+        answers instead (VL_ROUTING), or a 400 naming the model and the message."""
         if "vision" in info.capabilities:
-            return
-        for index, message in enumerate(req.messages):
-            if message.images:
-                raise RequestError(f"the model '{info.id}' does not accept images",
-                                   param=f"messages[{index}].content",
-                                   code="model_not_vision_capable")
+            return None
+        index = next((i for i, m in enumerate(req.messages) if m.images), None)
+        if index is None:
+            return None
+        target = routing_target(self.registry, self.settings, info)
+        if target is None:
+            why = ("; no model with vision is installed" if self.settings.vl_routing else
+                   "; VL_ROUTING is off, name a model with vision")
+            raise RequestError(f"the model '{info.id}' does not accept images{why}",
+                               param=f"messages[{index}].content",
+                               code="model_not_vision_capable")
+        return target
+
+    def _vision_input(self, info, retrieval: RetrievalTurn, request_messages: tuple) -> tuple:
+        """(messages to render, image embeddings) for a model with vision; the
+        messages as they are otherwise. A standalone RAG turn keeps the conversation's
+        images on its question, so retrieved text and images reach the model together."""
+        messages = retrieval.messages
+        if "vision" not in info.capabilities:
+            return messages, ()
+        if retrieval.standalone:
+            shown = tuple(image for m in request_messages if m.role == "user"
+                          for image in m.images)
+            if shown:
+                last = messages[-1]
+                messages = messages[:-1] + (replace(last, parts=last.parts + shown),)
+        prepared = self.vision.prepare(info, messages)
+        return prepared.messages, prepared.images
 
     def _instant_reply(self, req: ChatRequest, info, task) -> Optional[Reply]:
         """An Open WebUI background task answered without the model (title, tags,
@@ -321,10 +362,11 @@ class ChatService:
         usage = estimated_usage(retrieval.messages, hit["content"])
         return self._canned(info, hit["content"], hit["reasoning"], usage)
 
-    def _build_chat_prompt(self, messages: tuple, req: ChatRequest, info, tools_prompt: str):
+    def _build_chat_prompt(self, messages: tuple, req: ChatRequest, info, tools_prompt: str,
+                           final_note: str = ""):
         return self.prompt_builder.build_chat(
             messages, context_length=prompt_window(info, req.context_length),
-            tools_prompt=tools_prompt,
+            tools_prompt=tools_prompt, final_note=final_note,
             max_new_tokens=req.max_tokens or self.settings.default_max_tokens)
 
     def _answer_budget(self, wanted: Optional[int], task) -> int:
@@ -384,6 +426,17 @@ def with_adapter(run: RunRequest, adapter: Optional[tuple], use_cache: str) -> R
         raise RequestError("a named prompt cache holds the base model's state; it cannot be "
                            "used with a LoRA adapter", param="use_cache")
     return replace(run, lora_adapter=adapter[0], lora_scale=adapter[1])
+
+
+def check_image_room(built, images: tuple, window: int) -> None:
+    """Each image the prompt shows costs its encoder rows in the context, which the
+    prompt's own count (text only) leaves out: PromptTooLong when they do not fit."""
+    shown = built.text.count(IMAGE_MARKER) if images else 0
+    if not shown:
+        return
+    tokens = built.prompt_tokens + sum(image.rows.shape[0] for image in images[-shown:])
+    if tokens > window - 1:
+        raise prompts.PromptTooLong(tokens, window, built.tokens_estimated)
 
 
 def prompt_window(info, requested: Optional[int]) -> int:

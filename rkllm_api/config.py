@@ -94,6 +94,15 @@ class Settings:
     repetition_window: int = field(default=200, metadata={"env": "REPETITION_WINDOW"})
     repetition_threshold: int = field(default=3, metadata={"env": "REPETITION_THRESHOLD"})
 
+    # --- isolation (runtimes in child processes: runtimes/isolation.py) ---
+    # Each loaded model's runtime runs in a child process, so a crash of librkllmrt or
+    # llama.cpp ends that child, not the server. 0: in the server's process (debugging,
+    # benchmarks).
+    runtime_isolation: bool = field(default=True, metadata={"env": "RUNTIME_ISOLATION"})
+    # NPU models kept loaded at once, each in its own librkllmrt domain (a text and a
+    # vision-language model, say); 1: asking for another model switches (unloads first).
+    npu_resident_models: int = field(default=1, metadata={"env": "NPU_RESIDENT_MODELS"})
+
     # --- conversation ---
     # Share of the context kept free for the current turn and the answer (prompts.py).
     history_context_reserve: float = field(default=0.35, metadata={"env": "HISTORY_CONTEXT_RESERVE"})
@@ -145,6 +154,10 @@ class Settings:
     embedding_model: str = field(default="", metadata={"env": "EMBEDDING_MODEL"})
     # Inputs one embeddings request (or documents one rerank request) may carry.
     embed_max_inputs: int = field(default=2048, metadata={"env": "EMBED_MAX_INPUTS"})
+    # Model for /v1/rerank requests that name none, scored as a reranker (yes/no
+    # answer logits, rkllm_api/relevance.py) even when not marked as one ("" = the first
+    # model marked "reranker", else embedding similarity with the embedding model).
+    rerank_model: str = field(default="", metadata={"env": "RERANK_MODEL"})
 
     # --- lan: keys, origins, connections, named caches (security.py, http_worker.py) ---
     # API keys, comma-separated; none (and no file) = no authentication.
@@ -168,6 +181,26 @@ class Settings:
     # Named prompt caches per model: how many, and how many MB together.
     named_cache_max_count: int = field(default=16, metadata={"env": "NAMED_CACHE_MAX_COUNT"})
     named_cache_max_mb: int = field(default=2048, metadata={"env": "NAMED_CACHE_MAX_MB"})
+
+    # --- vision (vision_service.py, image_fetch.py) ---
+    # librknnrt for the vision encoders ("" = beside librkllmrt, the usual folders, the linker).
+    rknn_lib_path: str = field(default="", metadata={"env": "RKNN_LIB_PATH"})
+    # A request with images for a model without vision goes to VISION_MODEL (or the first
+    # model with vision) and says so in X-RKLLM-Routed-To; off: a 400 naming the model.
+    vl_routing: bool = field(default=True, metadata={"env": "VL_ROUTING"})
+    vision_model: str = field(default="", metadata={"env": "VISION_MODEL"})
+    image_max_bytes: int = field(default=20 * 1024 * 1024, metadata={"env": "IMAGE_MAX_BYTES"})
+    image_max_pixels: int = field(default=50_000_000, metadata={"env": "IMAGE_MAX_PIXELS"})
+    # Images in one request, the conversation's earlier ones included (each costs
+    # hundreds of tokens and an encoder run).
+    image_max_count: int = field(default=4, metadata={"env": "IMAGE_MAX_COUNT"})
+    # http(s) image URLs: fetched at all, within this many seconds, and whether hosts
+    # with loopback, private or link-local addresses may be fetched.
+    image_url_fetch: bool = field(default=True, metadata={"env": "IMAGE_URL_FETCH"})
+    image_url_timeout: float = field(default=10.0, metadata={"env": "IMAGE_URL_TIMEOUT"})
+    image_url_private: bool = field(default=False, metadata={"env": "IMAGE_URL_PRIVATE"})
+    # Encoder outputs kept by image digest, so a follow-up does not encode its image again.
+    image_embedding_cache: int = field(default=16, metadata={"env": "IMAGE_EMBEDDING_CACHE"})
 
     # --- board ---
     # Prefix of /dev, /sys and /proc for the startup checks and the NPU metrics (tests

@@ -344,6 +344,10 @@ def library_generation(path: str, configured_abi: str = "") -> tuple:
 def find_rknn_library(settings, root: str = "/") -> str:
     """librknnrt.so (the vision encoders' runtime), "" when not installed."""
     folders = list(_binding().STANDARD_LIBRARY_DIRS)
+    chosen = os.path.expanduser(getattr(settings, "rknn_lib_path", "") or "")
+    if chosen:   # RKNN_LIB_PATH: the file, or its folder
+        candidate = os.path.join(chosen, RKNN_LIBRARY_FILE) if os.path.isdir(chosen) else chosen
+        return candidate if os.path.isfile(candidate) else ""
     configured = os.path.expanduser(settings.rkllm_lib_path or "")
     if configured:   # installed side by side with a configured librkllmrt
         folder = configured if os.path.isdir(configured) else os.path.dirname(configured)

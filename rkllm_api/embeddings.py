@@ -3,10 +3,14 @@ rerank is scored. Surfaces (OpenAI's /v1/embeddings, the /v1/rerank of Jina and
 Cohere, Ollama's /api/embed) parse their bodies into rkllm_api.request types and
 call this; the vectors themselves come from Engine.embed().
 
-Reranking scores each document by the cosine similarity of its embedding with the
-query's (both unit length, so a dot product), computed in one engine call: one
-hold of the device for the query and every document. The method is named in the
-response's model field ("<model> (embedding similarity)").
+Reranking scores each document in one of two ways, named in the response's model
+field: by a reranker model ("<model> (reranker)": the probability of a "yes" answer
+to a relevance question, rkllm_api/relevance.py) when the request names a model
+marked as a reranker, or names none and a reranker is configured (RERANK_MODEL, else
+the first model marked "reranker"); otherwise by the cosine similarity of each
+document's embedding with the query's (both unit length, so a dot product;
+"<model> (embedding similarity)"). Either way one engine call: one hold of the
+device for the query and every document.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy
 
+from rkllm_api import relevance
 from rkllm_api.errors import model_not_found
 from rkllm_api.request import EmbeddingRequest, RerankRequest
 
@@ -24,9 +29,9 @@ SIMILARITY_METHOD = "embedding similarity"
 @dataclass(frozen=True)
 class Ranking:
     model_id: str
-    method: str                  # how the scores were made (SIMILARITY_METHOD)
+    method: str                  # how the scores were made (SIMILARITY_METHOD, relevance.METHOD)
     scores: tuple                # one per document, in document order
-    prompt_tokens: int           # tokens embedded (query and documents)
+    prompt_tokens: int           # tokens embedded (query and documents), or judged
 
     @property
     def label(self) -> str:
@@ -72,8 +77,32 @@ class EmbeddingService:
         return self.engine.embed(info.id, req.inputs, dimensions=req.dimensions,
                                  truncate=req.truncate, request_id=new_request_id("emb"))
 
+    def scorer_for(self, name):
+        """(ModelInfo, method) for a rerank request naming `name` (or None): a named
+        model scores as a reranker when marked as one or when it is RERANK_MODEL, else
+        by embedding similarity; without a name, RERANK_MODEL, else the first model
+        marked "reranker", else the embedding model (model_for) by similarity."""
+        configured = relevance.configured_model(self.settings)
+        chosen = self.registry.resolve(configured) if configured else None
+        if name:
+            info = self.model_for(name)
+            as_reranker = relevance.is_reranker(info) or (chosen is not None
+                                                          and chosen.id == info.id)
+            return info, relevance.METHOD if as_reranker else SIMILARITY_METHOD
+        if configured and chosen is None:
+            raise model_not_found(configured)
+        if chosen is None:
+            marked = [m for m in self.registry.models()
+                      if getattr(m, "available", True) and relevance.is_reranker(m)]
+            chosen = marked[0] if marked else None
+        if chosen is not None:
+            return chosen, relevance.METHOD
+        return self.model_for(None), SIMILARITY_METHOD
+
     def rerank(self, req: RerankRequest) -> Ranking:
-        info = self.model_for(req.model)
+        info, method = self.scorer_for(req.model)
+        if method == relevance.METHOD:
+            return self._judge(info, req)
         # Long documents are cut rather than refused: one long page must not fail
         # the ranking of all the others.
         result = self.engine.embed(info.id, (req.query,) + tuple(req.documents),
@@ -83,6 +112,18 @@ class EmbeddingService:
         return Ranking(result.model.id, SIMILARITY_METHOD,
                        tuple(float(min(1.0, max(-1.0, s))) for s in scores),
                        result.prompt_tokens)
+
+    def _judge(self, info, req: RerankRequest) -> Ranking:
+        """Scores from the reranker model: P(yes) for each document (0 to 1). Long
+        documents lose their end rather than failing the ranking."""
+        instruction = relevance.instruction_for(info)
+        prompts = [relevance.judging_prompt(req.query, document, instruction)
+                   for document in req.documents]
+        model, rows, tokens = self.engine.next_token_logits(
+            info.id, prompts, relevance.choices_for(info), system=relevance.SYSTEM,
+            truncate=True, param="documents", request_id=new_request_id("rerank"))
+        return Ranking(model.id, relevance.METHOD,
+                       tuple(relevance.score(yes, no) for yes, no in rows), tokens)
 
 
 def new_request_id(prefix: str) -> str:

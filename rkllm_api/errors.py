@@ -16,6 +16,7 @@ from rkllm_api.engine.errors import (AdapterNotFound, CacheConflict, CacheDamage
                                      ModelLoadFailed, ModelNotFound, ModelUnavailable,
                                      QueueFull, QueueTimeout)
 from rkllm_api.engine.kvcache import CacheNameError
+from rkllm_api.engine.residency import NotEnoughMemory
 from rkllm_api.text.prompts import PromptTooLong
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,9 @@ ERROR_TABLE = (
     (InvalidWork, lambda exc: RequestError(exc.message, param=exc.param, code=exc.code)),
     (AdapterNotFound, lambda exc: RequestError(str(exc), status=404, param="lora",
                                                code="adapter_not_found")),
+    # A second model that would not fit beside the resident ones (engine/residency.py).
+    (NotEnoughMemory, lambda exc: RequestError(str(exc), status=503, param="model",
+                                               code="insufficient_memory")),
     (EngineError, _engine_failure),
     (PromptTooLong, lambda exc: RequestError(str(exc), param=exc.param,
                                              code="context_length_exceeded")),

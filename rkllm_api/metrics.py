@@ -210,7 +210,22 @@ class StateCollector:
             if state["model"]:
                 current.add_metric([state["model"], device], 1)
         yield from (active, queue, current)
+        yield from self._crashes(health.get("runtime_processes", {}))
         yield from self._npu()
+
+    @staticmethod
+    def _crashes(report: dict):
+        """Runtime processes that died, and the loads that followed (engine/crashes.py)."""
+        from prometheus_client.core import CounterMetricFamily
+        crashes = CounterMetricFamily(f"{PREFIX}_runtime_crashes", "Runtime processes that "
+                                      "died, by model and cause", labels=["model", "cause"])
+        restarts = CounterMetricFamily(f"{PREFIX}_runtime_restarts", "Model loads after a "
+                                       "crash of its runtime process", labels=["model"])
+        for model, entry in report.get("models", {}).items():
+            for cause, count in entry["by_cause"].items():
+                crashes.add_metric([model, cause], count)
+            restarts.add_metric([model], entry["restarts"])
+        yield from (crashes, restarts)
 
     def _npu(self):
         from prometheus_client.core import GaugeMetricFamily

@@ -166,7 +166,9 @@ def usage_of(generation, perf) -> Usage:
     if perf is None:
         return Usage(0, 0)
     kept = generation.kv_reused_tokens
-    return Usage(perf.prefill_tokens + kept, perf.generate_tokens, perf.prefill_ms,
+    # Cache-building runs the request caused (a system-prompt cache) count as its work.
+    prefilled = perf.prefill_tokens + getattr(generation, "extra_prefill_tokens", 0)
+    return Usage(prefilled + kept, perf.generate_tokens, perf.prefill_ms,
                  perf.generate_ms, getattr(generation, "load_ms", 0.0), kept)
 
 

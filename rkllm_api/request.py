@@ -28,10 +28,15 @@ class TextPart:
 class ImagePart:
     url: str               # a data: URL (what Open WebUI sends) or an http(s) URL
     detail: str = "auto"
+    # The digest of the image's bytes, once read (vision_service): an http(s) URL may
+    # serve other bytes tomorrow, so the URL alone cannot key the KV cache.
+    content_digest: str = ""
 
     @property
     def digest(self) -> str:
         """Identifies the image in KV keys without keeping its bytes."""
+        if self.content_digest:
+            return self.content_digest
         return hashlib.sha1(self.url.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 

@@ -6,8 +6,9 @@ Jina and Cohere define and Open WebUI's external reranker sends:
 Documents may also be objects with a "text" (Jina, Cohere v1). The answer lists the
 documents best first, each with its `index` in the request and its
 `relevance_score`; `return_documents` (default true) adds `{"text": ...}`.
-Scores are cosine similarities of embeddings (rkllm_api/embeddings.py), from -1 to
-1; the response's model field says so: "<model> (embedding similarity)".
+Scores come from a reranker model (0 to 1, "<model> (reranker)" in the response's
+model field) or are cosine similarities of embeddings (-1 to 1, "<model> (embedding
+similarity)"); which one is EmbeddingService.scorer_for's choice (embeddings.py).
 Refusals use OpenAI's error format, like every surface without its own.
 """
 from __future__ import annotations

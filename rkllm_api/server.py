@@ -9,6 +9,7 @@ from flask import current_app
 
 from rkllm_api.chat import ChatService
 from rkllm_api.embeddings import EmbeddingService
+from rkllm_api.vision_service import VisionService
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +25,8 @@ class Server:
         self.settings = settings
         self.registry = registry
         self.engine = engine
-        self.chat = ChatService(settings, registry, engine)
+        self.vision = VisionService(settings)   # the vision models' encoders
+        self.chat = ChatService(settings, registry, engine, vision=self.vision)
         self.embeddings = EmbeddingService(settings, registry, engine)
         self.shutting_down = False
         self.checks = None                   # doctor's report from the startup checks
@@ -41,6 +43,7 @@ class Server:
             self._shut_down = True
             log.info("shutting down: aborting generations and closing runtimes")
             self.runtime_left_running = not self.engine.shutdown(SHUTDOWN_SECONDS)
+            self.vision.close()
 
 
 def current_server() -> Server:

@@ -29,6 +29,8 @@ import re
 from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
+from rkllm_api.runtimes.base import ImageTags
+
 PAD_COLOUR = (128, 128, 128)        # neutral grey: no bias towards dark or light content
 ALPHA_BACKGROUND = (255, 255, 255)  # transparent screenshots and diagrams mean "on white"
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF")
@@ -265,13 +267,9 @@ def preprocess_all(sources: Sequence, spec, normalisation: Optional[Normalisatio
 # ====================================================== the VL model families
 
 
-@dataclass(frozen=True)
-class ImageTokens:
-    """The text librkllmrt puts around an image's embedding rows in the prompt:
-    start + content x n_image_tokens + end."""
-    start: str
-    end: str
-    content: str
+# The text librkllmrt puts around an image's embedding rows in the prompt: start +
+# content x n_image_tokens + end (the runtime protocol's type, so a runtime takes it).
+ImageTokens = ImageTags
 
 
 @dataclass(frozen=True)
@@ -341,3 +339,16 @@ def normalisation_for(model_name: str, config: Optional[dict] = None) -> Optiona
         std = tuple(float(v) for v in config.get("image_std", base.std))
         return Normalisation(mean, std)
     return family.normalisation if family else None
+
+
+def runtime_options(model) -> dict:
+    """What open_runtime needs beyond the model file for a registry model: the image
+    tags of a model with a vision encoder, nothing for the others (nor for a model
+    whose tags are unknown or whose model_config.json image_tokens do not parse)."""
+    if "vision" not in model.capabilities:
+        return {}
+    try:
+        tags = image_tokens(model.id, model.config)
+    except ValueError:   # requests with images get the 400 that says why; text still runs
+        return {}
+    return {"image_tags": tags} if tags is not None else {}

@@ -15,6 +15,7 @@ pytest_plugins = [
     "support.live_server",  # a real gunicorn on 127.0.0.1
     "support.conversation", # engine-level chat turns on SmolLM2
     "support.rknn_double",  # compiled C double of librknnrt (vision encoder)
+    "support.image_server", # images served over HTTP from 127.0.0.1 (vision URL inputs)
     "support.lora",         # LoRA GGUF adapters for SmolLM2, written by the tests
     "support.fake_hub",     # a Hugging Face hub on 127.0.0.1 for pull tests
     "support.browser",      # headless Chromium driven by selenium (the page at /)

@@ -235,8 +235,8 @@ def test_hidden_states_are_per_token_and_do_not_touch_the_conversation(cpu):
                          (["word " * 3000], "at most 2048")):
         with pytest.raises(EmbeddingInputError, match=message):
             cpu.hidden_states(bad)
-    cut, = cpu.hidden_states(["word " * 3000], truncate=True)
-    assert cut.shape[0] == 2048
+    # truncate=True (a 2048-token prefill here) is tested through the engine on a
+    # shorter context: tests/test_embeddings.py.
 
 
 def test_seeded_sampling_is_reproducible_and_fully_applied(cpu):

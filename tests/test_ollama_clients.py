@@ -33,7 +33,7 @@ SCRIPTED = {
     "tool_selection": '{"tool_calls": [{"name": "get_current_weather", '
                       '"parameters": {"city": "Paris"}}]}',
 }
-FREE_RUNS = 3   # SmolLM2 answers each task this many times per surface
+FREE_RUNS = 2   # SmolLM2 answers each task this many times per surface
 
 
 def load(folder, name):

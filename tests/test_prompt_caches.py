@@ -114,6 +114,18 @@ def system_turn(engine, system=LONG_SYSTEM):
     return turn(engine, [{"role": "system", "content": system}, user("When do I sow peas?")])
 
 
+OTHER_SYSTEM = LONG_SYSTEM.replace("Gardener", "Botanist")
+
+
+def seen_twice(engine, system=LONG_SYSTEM, other=OTHER_SYSTEM):
+    """A system cache is made only for a system text seen before, when the KV cache
+    does not already start with it: the text, another one, the text again. Returns
+    the last turn (the one that built the cache)."""
+    system_turn(engine, system)
+    system_turn(engine, other)
+    return system_turn(engine, system)
+
+
 def cache_files(tmp_path):
     folder = tmp_path / "cache" / "smollm2-135m-instruct"
     return sorted(p.name for p in folder.glob("system-*.cache")) if folder.exists() else []
@@ -128,22 +140,26 @@ def kv_text(engine) -> str:
 def test_system_prompt_cache_is_saved_then_preloaded_by_a_cold_model(make_engine, tmp_path):
     plain, _ = system_turn(make_engine(system_prompt_cache=False))
     assert cache_files(tmp_path) == []
-    first, _ = system_turn(make_engine())
-    assert len(cache_files(tmp_path)) == 1
+    engine = make_engine()
+    system_turn(engine)
+    assert cache_files(tmp_path) == []      # seen once: no extra run, no file
+    first, _ = seen_twice(engine)
+    assert len(cache_files(tmp_path)) == 1  # only the text seen twice
     cold = make_engine()
     cold.load(MODEL)
     assert cold.health()["devices"]["cpu"]["kv_cache"]["prompt_cache"] == "system-cache"
     cached, _ = system_turn(cold)
     assert cached.prefilled_tokens + 80 < plain.prefilled_tokens
-    assert first.prefilled_tokens == cached.prefilled_tokens
+    # the request that built the cache reports the building run's tokens too
+    assert first.extra_prefill_tokens > 80
+    assert first.prefilled_tokens - first.extra_prefill_tokens == cached.prefilled_tokens
     assert cached.prefilled_tokens + cached.kv_reused_tokens == cached.prompt_tokens
 
 
 def test_changed_system_text_gets_its_own_cache(make_engine, tmp_path):
     engine = make_engine()
-    system_turn(engine)
-    other = LONG_SYSTEM.replace("Gardener", "Botanist")
-    changed, _ = system_turn(engine, other)
+    seen_twice(engine)
+    system_turn(engine, OTHER_SYSTEM)     # seen before too, and not what the cache holds
     assert len(cache_files(tmp_path)) == 2
     assert "Botanist" in kv_text(engine) and "Gardener" not in kv_text(engine)
     cold = make_engine()
@@ -227,7 +243,7 @@ def test_http_unapplied_sampling_header(live_servers, rkllm_double_libs, abi, he
 
 
 def test_a_corrupt_system_prompt_cache_is_dropped_and_rebuilt(make_engine, tmp_path):
-    first, answer = system_turn(make_engine())
+    first, answer = seen_twice(make_engine())
     (name,) = cache_files(tmp_path)
     path = tmp_path / "cache" / "smollm2-135m-instruct" / name
     broken = path.read_bytes()[:100]          # cut short, as a full disk would leave it
@@ -238,9 +254,10 @@ def test_a_corrupt_system_prompt_cache_is_dropped_and_rebuilt(make_engine, tmp_p
     assert not path.exists()
     again, again_answer = system_turn(cold)
     assert again.kv_mode == "full" and again_answer == answer   # greedy: the same answer
-    # The next full start rebuilt a good cache for the same system text.
+    assert again.prefilled_tokens == again.prompt_tokens        # all of it, no file made
+    # Seen again later: a good cache is built for the same system text.
+    seen_twice(cold)
     assert cache_files(tmp_path) == [name] and path.read_bytes() != broken
-    assert again.prefilled_tokens == first.prefilled_tokens
 
 
 def test_snapshot_folders_of_dead_processes_are_removed_at_start(tmp_path):

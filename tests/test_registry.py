@@ -366,7 +366,7 @@ def test_capabilities_and_family_from_the_name(tmp_path, folder, capabilities, f
 def test_vision_encoder_beside_the_model_adds_vl(tmp_path):
     add_model(tmp_path, "InternVL3-1B", rknn=True)
     (model,) = registry_for(tmp_path).models()
-    assert model.capabilities == ("instruct", "vl")
+    assert model.capabilities == ("instruct", "vl", "vision")
     assert model.vision_encoder.endswith("vision.rknn")
 
 
@@ -422,6 +422,18 @@ def test_bundled_model_is_the_default_only_when_nothing_else_can_serve(tmp_path)
     assert forced.default_model().bundled                    # DEFAULT_MODEL forces it
     assert registry_for(tmp_path, default_model="nonexistent").default_model().id == "alpha"
     assert registry_for(tmp_path, default_model="zeta").default_model().id == "zeta"
+
+
+def test_embedding_and_reranker_models_are_not_the_default_chat_model(tmp_path):
+    add_model(tmp_path, "bge-reranker-v2")                   # NPU, sorts first by name
+    add_model(tmp_path, "bge-small-en")                      # an embedding model
+    registry = registry_for(tmp_path)
+    assert registry.default_model().id in ("bge-reranker-v2", "bge-small-en")   # nothing else
+    add_model(tmp_path, "qwen3-1.7b")
+    force_rescan(registry)
+    assert registry.default_model().id == "qwen3-1.7b"
+    # A configured default is still obeyed.
+    assert registry_for(tmp_path, default_model="bge-small-en").default_model().id == "bge-small-en"
 
 
 @needs_bundled

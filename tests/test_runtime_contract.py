@@ -24,12 +24,15 @@ ABORT_DEADLINE_S = 0.2
 WAIT_S = 60.0  # upper bound for anything that should happen promptly
 
 
-def _npu_harness(name: str, lib: str, model_path: str) -> Harness:
+def _npu_harness(name: str, lib: str, model_path: str, in_child: bool = False) -> Harness:
     from rkllm_api.config import Settings
     from rkllm_ctypes import RKLLMRuntime
+    from rkllm_api.runtimes.isolation import IsolatedRuntimes
     from support.doubles import RKLLM_DOUBLE_HIDDEN_WIDTH
-    runtime = RKLLMRuntime(model_path, context_length=4096,
-                           settings=Settings(rkllm_lib_path=lib, rkllm_abi=""))
+    # in_child: the same runtime in a child process, through the proxy the engine uses
+    opener = IsolatedRuntimes() if in_child else RKLLMRuntime
+    runtime = opener(model_path, context_length=4096,
+                     settings=Settings(rkllm_lib_path=lib, rkllm_abi=""))
     return Harness(
         name=name, runtime=runtime,
         unicode_prompt=f"Say hello @@reply:{NPU_UNICODE_REPLY}@@",
@@ -42,7 +45,7 @@ def _npu_harness(name: str, lib: str, model_path: str) -> Harness:
     )
 
 
-@pytest.fixture(params=["npu-abi1.2", "npu-abi1.3", "cpu"])
+@pytest.fixture(params=["npu-abi1.2", "npu-abi1.3", "npu-abi1.2-child", "cpu"])
 def harness(request, rkllm_double_libs, tmp_path):
     if request.param == "cpu":
         try:
@@ -54,9 +57,10 @@ def harness(request, rkllm_double_libs, tmp_path):
         yield cpu
         return
     from support.doubles import make_fake_rkllm_model
-    abi = request.param.removeprefix("npu-abi")
+    abi = request.param.removeprefix("npu-abi").removesuffix("-child")
     built = _npu_harness(request.param, rkllm_double_libs[abi],
-                         make_fake_rkllm_model(tmp_path / "models" / "contract"))
+                         make_fake_rkllm_model(tmp_path / "models" / "contract"),
+                         in_child=request.param.endswith("-child"))
     yield built
     built.runtime.close()
 

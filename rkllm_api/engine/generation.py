@@ -137,15 +137,28 @@ class Generation:
 
     @property
     def prompt_tokens(self) -> Optional[int]:
-        """Tokens of the whole prompt (what usage reports), None without a BuiltPrompt."""
+        """Tokens of the whole prompt (what usage reports): the runtime's exact count
+        once a run of real turns is over, else the BuiltPrompt's; None without one."""
+        result = self._raw_result
+        if result is not None and result.prompt_tokens is not None:
+            return result.prompt_tokens
         built = self.job.conversation
         return built.prompt_tokens if is_built_prompt(built) else None
 
     @property
     def prefilled_tokens(self) -> Optional[int]:
-        """Tokens the runtime actually prefilled (perf), once the run is over."""
+        """Tokens the runtime prefilled for this request once the run is over: the
+        run's own (perf) plus those of cache-building runs it caused."""
         result = self._raw_result
-        return result.perf.prefill_tokens if result is not None else None
+        if result is None:
+            return None
+        return result.perf.prefill_tokens + self.extra_prefill_tokens
+
+    @property
+    def extra_prefill_tokens(self) -> int:
+        """Prefilled before the run by cache-building runs (a system-prompt cache)."""
+        ticket = self._ticket
+        return getattr(ticket, "extra_prefill_tokens", 0) if ticket is not None else 0
 
     @property
     def constrains_output(self) -> bool:
@@ -164,6 +177,9 @@ class Generation:
     def kv_reused_tokens(self) -> int:
         """Prompt tokens the KV cache already held (reuse, snapshot or prompt cache),
         so usage can report the whole prompt: perf prefill + this."""
+        result = self._raw_result
+        if result is not None and result.prompt_tokens is not None:   # exact: real turns
+            return max(0, result.prompt_tokens - result.perf.prefill_tokens)
         whole, prefilled = self.prompt_tokens, self.prefilled_tokens
         if whole is None or prefilled is None or self.kv_mode in (KvMode.STANDALONE, KvMode.RAW):
             return 0
@@ -358,6 +374,7 @@ class Generation:
                     run, self._ticket = self._slot.kv.prepare(self._runtime, self.job)
                     self.kv_mode = self._ticket.mode
                     result = self._runtime.run(run, self._timed_sink())
+                    self.kv_mode = turns_mode(self._ticket, result)
                 finally:
                     self._running.clear()
         except Exception as exc:  # a runtime bug must not leave the slot taken
@@ -395,11 +412,11 @@ class Generation:
         result, times = self.result, self._token_times
         perf = result.perf
         finish = str(self.stop_cause) if self.stop_cause else result.finish_reason.value
-        reused = self.kv_reused_tokens
+        reused, prefilled = self.kv_reused_tokens, perf.prefill_tokens + self.extra_prefill_tokens
         return GenerationReport(
             model=self.model.id, device=self._slot.device, finish=finish,
-            kv_mode=str(self.kv_mode or "-"), prompt_tokens=perf.prefill_tokens + reused,
-            prefilled_tokens=perf.prefill_tokens, reused_tokens=reused,
+            kv_mode=str(self.kv_mode or "-"), prompt_tokens=prefilled + reused,
+            prefilled_tokens=prefilled, reused_tokens=reused,
             generated_tokens=perf.generate_tokens, prefill_seconds=perf.prefill_ms / 1000,
             decode_seconds=perf.generate_ms / 1000,
             time_to_first_token=times[0] - self.submitted_at if times else None,
@@ -432,8 +449,20 @@ class Generation:
                  "tokens %.0f ms, %.1f s in all", self.request_id, self._slot.device,
                  self.model.id, result.finish_reason.value,
                  f" ({self.stop_cause})" if self.stop_cause else "", self.kv_mode or "-",
-                 perf.prefill_tokens, perf.prefill_ms, perf.generate_tokens, perf.generate_ms,
-                 time.monotonic() - self.started_at)
+                 perf.prefill_tokens + self.extra_prefill_tokens, perf.prefill_ms,
+                 perf.generate_tokens, perf.generate_ms, time.monotonic() - self.started_at)
+
+
+def turns_mode(ticket: Optional[KvTicket], result: Optional[RunResult]) -> Optional[KvMode]:
+    """How a run of real turns used the cache, known once it is over: reuse when the
+    runtime kept part of the prompt, full when it prefilled it all."""
+    if ticket is None:
+        return None
+    if ticket.turns and ticket.mode is KvMode.FULL and result is not None:
+        kept = (result.prompt_tokens or 0) - result.perf.prefill_tokens
+        if kept > 0:
+            ticket.mode = KvMode.REUSE
+    return ticket.mode
 
 
 def public_failure(request_id: str) -> str:

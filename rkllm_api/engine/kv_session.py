@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 from enum import Enum
 from typing import TYPE_CHECKING, Optional
@@ -44,6 +45,7 @@ class CacheBase(str, Enum):
         return self.value
 
 
+SEEN_SYSTEMS_MAX = 256          # system texts remembered for "seen before"
 OPAQUE = ("opaque",)             # key of a kept turn whose conversation is not known
 UNCOMMITTED = ("uncommitted",)   # a kept turn whose answer the API has not reported yet
 
@@ -58,6 +60,8 @@ class KvTicket:
     snapshot_path: str = ""      # the NPU saves the prefilled state here during the run
     keep_history: bool = False
     dropped_cache: str = ""      # a named cache asked for that could not be used (removed)
+    turns: bool = False          # sent as real turns: the runtime reused the common prefix
+    extra_prefill_tokens: int = 0  # prefilled by cache-building runs before this run
 
 
 class KvSession:
@@ -103,6 +107,8 @@ class KvSession:
         built = job.conversation
         if not is_built_prompt(built):
             return self._prepare_raw(runtime, job, serial)
+        if takes_turns(runtime, job, built):
+            return self._prepare_turns(runtime, job, built, serial)
         if built.standalone or not job.run.keep_history:
             # A standalone prompt (completion, RAG turn, background task) must not see
             # another conversation: the runtimes keep earlier kept turns as context
@@ -112,6 +118,68 @@ class KvSession:
             self._reset_to(runtime, None)
             return replace(job.run, keep_history=False), KvTicket(serial, KvMode.STANDALONE, built)
         return self._prepare_conversation(runtime, job, built, serial)
+
+    def _prepare_turns(self, runtime, job: GenerationJob, built, serial: int) -> tuple:
+        """Real turns: the runtime keeps the longest common prefix of what its cache
+        holds and prefills the rest, so nothing is cleared here. A snapshot of this
+        conversation is restored when the cache holds another one (it may share more
+        than the system prompt); the conversation displaced is snapshotted first."""
+        run = replace(job.run, messages=built.turns, prompt=built.text)
+        if built.standalone or not job.run.keep_history:
+            self._leave(runtime)
+            with self.lock:   # the cache keeps a prefix of what it held: no conversation
+                self.key = OPAQUE if self.known else None
+            return (replace(run, keep_history=False),
+                    KvTicket(serial, KvMode.STANDALONE, built, turns=True))
+        prefix = adapter_prefix(job.run)
+        history = prefix + built.history_key
+        # FULL until the run says it kept a prefix (Generation: turns_mode).
+        ticket = KvTicket(serial, KvMode.FULL, built, prefix, keep_history=True, turns=True)
+        run = replace(run, keep_history=True)
+        if not self.services.settings.kv_reuse:
+            self._leave(runtime)
+            self._reset_to(runtime, None)
+            ticket.mode = KvMode.FULL
+        elif not (self.known and self.key == history):
+            resumed = self._resume(runtime, history, built, run)
+            if resumed is not None:
+                ticket.mode = KvMode.RESUME
+            else:
+                self._leave(runtime)
+                self._system_beneath_turns(runtime, job, built, ticket)
+        return run, ticket
+
+    def _system_beneath_turns(self, runtime, job: GenerationJob, built, ticket) -> None:
+        """A cache that does not start with this system text gets the system prompt's
+        cache loaded (made first when the text was seen before): a cold model then
+        prefills only the conversation. Only where a state file restores its tokens
+        (llama.cpp), so the runtime can match the prompt against them."""
+        services = self.services
+        with self.lock:
+            held = self.key if self.known else None
+        if job.run.lora_adapter or not runtime.capabilities.snapshots:
+            return
+        path = services.system_cache_file(self.model, built.system)   # notes it as seen
+        # A conversation key holds one ("system", text) entry, after any adapter entry.
+        same_system = isinstance(held, tuple) and built.history_key[0] in held
+        if path is None or same_system:   # the runtime keeps the system turn by itself
+            return
+        if not os.path.isfile(path):
+            with self.lock:
+                self.known = False   # the building run replaces the cache content
+            outcome = services.prefill_to_file(runtime, built.system, path,
+                                               turns=(("system", built.system),))
+            ticket.extra_prefill_tokens += outcome.prefilled_tokens
+            if not outcome:
+                return
+        try:
+            self._reset_to(runtime, (CacheBase.SYSTEM, path))
+            services.prompt_caches.remember_system(self.model.id, self.model.path, built.system)
+        except Exception as exc:
+            log.warning("system prompt cache %s not usable: %s", path, exc)
+            services.prompt_caches.discard_system(path)
+            with self.lock:
+                self.known = False
 
     def _prepare_raw(self, runtime, job: GenerationJob, serial: int) -> tuple:
         """A job without a BuiltPrompt: sent as it is; a kept turn on an unknown
@@ -247,7 +315,10 @@ class KvSession:
         if path is not None and not os.path.isfile(path):
             with self.lock:
                 self.known = False   # the extra run below replaces the cache content
-            if not services.prefill_to_file(runtime, built.system, path):
+            built_file = services.prefill_to_file(runtime, built.system, path)
+            if ticket is not None:
+                ticket.extra_prefill_tokens += built_file.prefilled_tokens
+            if not built_file:
                 path = None
         if path is not None:
             try:
@@ -315,6 +386,13 @@ class KvSession:
                     "prompt_cache": self.base[0] if self.base else None}
 
 
+def takes_turns(runtime, job, built) -> bool:
+    """The conversation goes to the runtime as real turns of the model's template
+    (a runtime that renders them; a named cache beneath keeps the text path)."""
+    return bool(runtime.capabilities.chat_turns and built.turns and not job.use_cache
+                and not getattr(job.run, "images", ()))   # images go as multimodal text
+
+
 def adapter_prefix(run: RunRequest) -> tuple:
     """The KV key entry of a run's LoRA adapter and scale (none without one)."""
     if not run.lora_adapter:
@@ -346,6 +424,8 @@ class KvServices:
         self.settings = settings
         self.snapshots = snapshots            # kvcache.SnapshotStore or None (off)
         self.prompt_caches = prompt_caches    # kvcache.PromptCacheFiles or None
+        self._seen_systems: OrderedDict = OrderedDict()   # system cache paths met once
+        self._seen_lock = threading.Lock()
 
     @classmethod
     def disabled(cls) -> "KvServices":
@@ -418,7 +498,20 @@ class KvServices:
             return None
         if prompts.estimate_tokens(system) < settings.system_prompt_cache_min_tokens:
             return None
-        return self.prompt_caches.system_path(model.id, model.path, system)
+        path = self.prompt_caches.system_path(model.id, model.path, system)
+        if not os.path.isfile(path) and not self._seen_before(path):
+            return None   # a volatile system text (a clock in it) never pays a run or a file
+        return path
+
+    def _seen_before(self, path: str) -> bool:
+        """True from the second time a system text (its cache path) comes by."""
+        with self._seen_lock:
+            seen = path in self._seen_systems
+            self._seen_systems[path] = True
+            self._seen_systems.move_to_end(path)
+            while len(self._seen_systems) > SEEN_SYSTEMS_MAX:
+                self._seen_systems.popitem(last=False)
+        return seen
 
     def preload_file(self, model) -> Optional[str]:
         if not (self.settings.system_prompt_cache and self.prompt_caches):
@@ -426,17 +519,31 @@ class KvServices:
         return self.prompt_caches.preload_path(model.id, model.path)
 
     @staticmethod
-    def prefill_to_file(runtime, prompt: str, path: str) -> bool:
+    def prefill_to_file(runtime, prompt: str, path: str, turns: tuple = ()) -> "PrefillOutcome":
         """Prefill prompt alone on an empty cache and save the state to path. The run
-        keeps nothing (keep_history=0) and generates one token nobody reads."""
+        keeps nothing (keep_history=0) and generates one token nobody reads. The
+        outcome is true when the file was saved, and counts what the run prefilled
+        (the request that caused it reports that work too)."""
         temporary = f"{path}.{os.getpid()}.tmp"
         release_prompt_cache(runtime)
         runtime.clear_kv_cache()
         result = runtime.run(RunRequest(prompt=prompt, keep_history=False, max_new_tokens=1,
-                                        prompt_cache_save_path=temporary), lambda event: None)
+                                        prompt_cache_save_path=temporary, messages=turns),
+                             lambda event: None)
+        spent = result.perf.prefill_tokens if result.perf is not None else 0
         if result.finish_reason not in (FinishReason.STOP, FinishReason.LENGTH) or \
                 not os.path.isfile(temporary):
             log.warning("could not save a prompt cache: %s", result.error or result.finish_reason)
-            return False
+            return PrefillOutcome(False, spent)
         os.replace(temporary, path)
-        return True
+        return PrefillOutcome(True, spent)
+
+
+@dataclass(frozen=True)
+class PrefillOutcome:
+    """A cache-building run: whether the file was saved, and the tokens it prefilled."""
+    saved: bool
+    prefilled_tokens: int
+
+    def __bool__(self) -> bool:
+        return self.saved

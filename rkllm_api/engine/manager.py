@@ -26,18 +26,25 @@ import time
 from dataclasses import replace
 from typing import Optional
 
+from rkllm_api import vision
 from rkllm_api.engine import embedding, kvcache
 from rkllm_api.engine.errors import (AdapterNotFound, CacheConflict, CacheNotFound,
                                      CacheTooLarge, EngineError, InvalidWork,
                                      ModelLoadFailed, ModelNotFound, ModelUnavailable,
                                      ShuttingDown)
+from rkllm_api.engine.crashes import CrashLog
+from rkllm_api.engine.residency import (Resident, ResidentSet, check_room_beside,
+                                        free_domain)
 from rkllm_api.engine.generation import Generation, GenerationJob, StopCause
-from rkllm_api.engine.kv_session import CacheBase, KvServices, release_prompt_cache
+from rkllm_api.engine.kv_session import (CacheBase, KvServices, KvSession,
+                                         release_prompt_cache)
 from rkllm_api.engine.observer import EngineObserver, notify
 from rkllm_api.engine.slots import ArrivalOrder, DeviceSlot
 from rkllm_api.models import adapters, sampling
 from rkllm_api.runtimes.base import EmbeddingInputError, check_runtime
 from rkllm_api.runtimes.factory import open_runtime
+from rkllm_api.runtimes.isolation import (IsolatedRuntimes, RuntimeCrashed, crash_of,
+                                          process_id)
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +55,20 @@ EMBED_CHUNK = 8   # inputs per runtime call in embed(); shutdown is checked betw
 class Engine:
     """Loads models on demand and runs generations, one per device at a time."""
 
-    def __init__(self, settings, registry, runtime_factory=open_runtime,
+    def __init__(self, settings, registry, runtime_factory=None,
                  observer: Optional[EngineObserver] = None):
         self.settings = settings
         self.registry = registry
+        # None: open_runtime, each runtime in a child process of its own unless
+        # RUNTIME_ISOLATION is off (a crash of the runtime then ends only its child).
+        if runtime_factory is None:
+            runtime_factory = IsolatedRuntimes() if settings.runtime_isolation else open_runtime
         self._runtime_factory = runtime_factory
+        self.crashes = CrashLog()   # runtime processes that died: /health, backoff
+        # Loaded models set aside while another of their device runs (NPU_RESIDENT_MODELS),
+        # and the librkllmrt domain of each slot's current runtime.
+        self._residents = {device: ResidentSet() for device in DEVICES}
+        self._domains = {device: 0 for device in DEVICES}
         # Told of queue waits, loads, first tokens and finished runs (metrics.py).
         self.observer = observer or EngineObserver()
         self.kv_services = KvServices.from_settings(settings)
@@ -99,6 +115,9 @@ class Engine:
         for generation in running:
             generation.abort_and_wait(max(0.0, deadline - time.monotonic()))
         closed = [self._close_at_shutdown(slot, deadline) for slot in self._slots.values()]
+        for residents in self._residents.values():
+            for resident in residents.take_all():
+                self._close_resident(resident, "shutdown")
         if self._monitor is not None:
             self._monitor.join(max(0.0, deadline - time.monotonic()))
         log.info("engine stopped%s", "" if all(closed) else " (a runtime was left running)")
@@ -244,9 +263,69 @@ class Engine:
                 raise EngineError(f"embedding failed: {exc}") from exc
         return rows
 
+    def next_token_logits(self, model: str, prompts, choices, *, system: str = "",
+                          truncate: bool = True, param: str = "input",
+                          request_id: str = "") -> tuple:
+        """For each prompt, the logits of each choice as the first token of the model's
+        answer (runtime.next_token_logits): returns (ModelInfo, [[float per choice] per
+        prompt], prompt tokens or 0 when the runtime cannot count). Reranking by a model.
+
+        Held like embed(): the device slot for the whole batch, a few prompts per
+        runtime call (shutdown checked between), and where the runtime scores in the
+        generation context (NPU) the conversation is snapshotted and the cache emptied
+        first, so the next turn resumes from the snapshot and the same prompt always
+        gives the same logits. Refusals are InvalidWork (400; `param` names the request
+        field the prompts came from, "documents" -> "documents[i]")."""
+        prompts = list(prompts)
+        if not prompts:
+            raise InvalidWork("there is nothing to score", param)
+        if self._stopping:
+            raise ShuttingDown()
+        info = self._resolve(model)
+        slot = self._acquire(info, f"logits:{request_id or info.id}")
+        try:
+            runtime = self._ensure_loaded(slot, info)
+            capabilities = runtime.capabilities
+            if not capabilities.next_token_logits:
+                raise InvalidWork(f"the {info.device.upper()} runtime of {info.id!r} cannot "
+                                  "score as a reranker", "model", "model_not_reranker_capable")
+            if not capabilities.counts_tokens and any(isinstance(c, str) for c in choices):
+                raise InvalidWork(
+                    f"the {info.device.upper()} runtime of {info.id!r} has no tokenizer: give "
+                    "the answer's tokens as ids in model_config.json "
+                    '("reranker": {"tokens": {"yes": ID, "no": ID}})', "model",
+                    "reranker_tokens_missing")
+            if capabilities.logits_share_context:
+                slot.kv.clear_for_standalone(runtime)
+            rows = []
+            for start in range(0, len(prompts), EMBED_CHUNK):
+                if self._stopping:
+                    raise ShuttingDown()
+                rows += self._logits_chunk(runtime, prompts[start:start + EMBED_CHUNK],
+                                           list(choices), system, truncate, param, start)
+            counted = ([runtime.count_tokens(p) for p in prompts]
+                       if capabilities.counts_tokens else [])
+        finally:
+            slot.release()
+        return info, rows, sum(n or 0 for n in counted)
+
+    @staticmethod
+    def _logits_chunk(runtime, prompts, choices, system, truncate, param, start) -> list:
+        try:
+            return runtime.next_token_logits(prompts, choices, system, truncate)
+        except EmbeddingInputError as exc:
+            where = "model" if exc.index < 0 else f"{param}[{start + exc.index}]"
+            raise InvalidWork(str(exc), where,
+                              "context_length_exceeded" if exc.too_long else "") from exc
+        except Exception as exc:
+            log.exception("scoring failed")
+            raise EngineError(f"scoring failed: {exc}") from exc
+
     def _generation_finished(self, slot: DeviceSlot, generation: Generation) -> None:
         with self._active_lock:
             self._active.discard(generation)
+        if not self._bury_if_crashed(slot):
+            self.crashes.ran(generation.model.id)
         slot.release(measured=True)
 
     # ---- model management ----
@@ -282,6 +361,12 @@ class Engine:
                     self._close_runtime(slot, "unload requested")
             finally:
                 slot.release()
+        for residents in self._residents.values():
+            for resident in residents.all():
+                if (not target or resident.model.id == target) and \
+                        residents.take(resident.model.id) is not None:
+                    unloaded.append(resident.model.id)
+                    self._close_resident(resident, "unload requested")
         return unloaded
 
     # ---- named prompt caches (/v1/cache/<model>/<name>) ----
@@ -382,6 +467,8 @@ class Engine:
                 if slot.model is not None and slot.model.id == info.id:
                     slot.keep_alive = seconds
                     slot.last_used = time.monotonic() if slot.holder is None else slot.last_used
+        for residents in self._residents.values():
+            residents.keep_alive(info.id, seconds)
         return []
 
     def resident_models(self) -> list:
@@ -396,6 +483,11 @@ class Engine:
                 idle = 0.0 if slot.holder is not None else time.monotonic() - slot.last_used
                 left = None if limit is None else max(0.0, limit - idle)
                 resident.append((slot.model, device, left))
+            for kept in self._residents[device].all():
+                limit = self._resident_limit(kept)
+                idle = time.monotonic() - kept.since
+                resident.append((kept.model, device,
+                                 None if limit is None else max(0.0, limit - idle)))
         return resident
 
     def loaded_models(self) -> list:
@@ -404,6 +496,8 @@ class Engine:
             with slot.cond:
                 if slot.model is not None:
                     result.append(slot.model.id)
+        for residents in self._residents.values():
+            result += [resident.model.id for resident in residents.all()]
         return result
 
     def health(self) -> dict:
@@ -420,13 +514,23 @@ class Engine:
                     "idle_seconds": (round(time.monotonic() - slot.last_used, 1)
                                      if slot.holder is None else 0.0),
                     "kv_cache": slot.kv.describe(),
+                    # the child process holding the runtime (None: none, or in-process)
+                    "runtime_pid": process_id(slot.runtime),
+                    "domain": self._domains[device] if slot.runtime is not None else None,
+                    # loaded models set aside while this one runs (NPU_RESIDENT_MODELS)
+                    "resident": [{"model": r.model.id, "runtime_pid": process_id(r.runtime),
+                                  "domain": r.domain} for r in self._residents[device].all()],
                 }
         return {
             "accepting": not self._stopping,
-            "loaded_models": [d["model"] for d in devices.values() if d["model"]],
+            "loaded_models": [d["model"] for d in devices.values() if d["model"]] +
+                             [r["model"] for d in devices.values() for r in d["resident"]],
             "active_requests": [d["request_id"] for d in devices.values() if d["request_id"]],
             "queue_length": sum(d["queue_length"] for d in devices.values()),
             "devices": devices,
+            "runtime_processes": {"isolated": isinstance(self._runtime_factory,
+                                                         IsolatedRuntimes),
+                                  **self.crashes.describe()},
         }
 
     # ---- internals ----
@@ -455,20 +559,31 @@ class Engine:
     def _ensure_loaded(self, slot: DeviceSlot, model):
         """The slot's runtime for `model`, loading it (after closing another) if needed.
         Called by the slot's holder only."""
+        self._bury_if_crashed(slot)
         if slot.runtime is not None and slot.model is not None and \
                 (slot.model.path, slot.model.context_length) == (model.path, model.context_length):
             return slot.runtime
+        if self._bring_back(slot, model):
+            return slot.runtime
         if slot.runtime is not None:
-            self._close_runtime(slot, f"switching to {model.id}")
+            self._make_room(slot, model)
+        self._wait_out_backoff(model)
         started = time.monotonic()
-        log.info("loading %s on %s (context %d)", model.id, slot.device, model.context_length)
+        again = self.crashes.restarting(model.id)   # counts a restart after a crash
+        log.info("loading %s on %s (context %d)%s", model.id, slot.device, model.context_length,
+                 " again after a crash" if again else "")
         try:
             # The model's sampling defaults: family profile + model_config.json
             # (librkllmrt 1.2 can only take them at init).
             runtime = self._runtime_factory(
                 model.path, context_length=model.context_length, settings=self.settings,
-                default_sampling=sampling.model_defaults(model.family, model.config))
+                default_sampling=sampling.model_defaults(model.family, model.config),
+                **vision.runtime_options(model), **self._domain_option(slot))
             check_runtime(runtime)   # what it can do is declared, and checked here once
+        except RuntimeCrashed as exc:
+            log.error("loading %s failed: %s", model.id, exc)
+            self.crashes.crashed(model.id, exc.how, "init")
+            raise ModelLoadFailed(model.id, str(exc)) from exc
         except Exception as exc:
             log.error("loading %s failed: %s", model.id, exc)
             raise ModelLoadFailed(model.id, str(exc) or type(exc).__name__) from exc
@@ -481,6 +596,126 @@ class Engine:
         log.info("loaded %s on %s in %.1f s", model.id, slot.device, seconds)
         notify(self.observer, "model_loaded", model.id, slot.device, seconds)
         return runtime
+
+    # ---- several resident models per device (engine/residency.py) ----
+    def _resident_limit(self, resident: Resident) -> Optional[float]:
+        limit = resident.keep_alive
+        if limit is None:
+            limit = self.settings.idle_unload_seconds if self.settings.idle_unload_seconds > 0 \
+                else None
+        return None if limit is None or limit == math.inf else limit
+
+    def _keeps_residents(self, device: str) -> bool:
+        return device == "npu" and self.settings.npu_resident_models > 1
+
+    def _make_room(self, slot: DeviceSlot, model) -> None:
+        """Before loading `model`: set the slot's runtime aside when the device keeps
+        several models (the oldest resident closed when the set is full), after the
+        memory check (NotEnoughMemory: nothing changed); else close it."""
+        if not self._keeps_residents(slot.device):
+            self._close_runtime(slot, f"switching to {model.id}")
+            return
+        residents = self._residents[slot.device]
+        # the oldest residents leave so the new model makes NPU_RESIDENT_MODELS at most
+        kept = sorted(residents.all(), key=lambda r: r.since)
+        leaving = kept[:max(0, len(kept) + 2 - self.settings.npu_resident_models)]
+        kept = kept[len(leaving):]
+        check_room_beside(model, [slot.model] + [r.model for r in kept],
+                          self.settings.system_root, freed=[r.model for r in leaving])
+        for resident in leaving:
+            if residents.take(resident.model.id) is not None:
+                self._close_resident(resident, f"making room for {model.id}")
+        self._set_aside(slot)
+
+    def _set_aside(self, slot: DeviceSlot) -> None:
+        with slot.cond:
+            residents = self._residents[slot.device]
+            residents.put(Resident(slot.model, slot.runtime, slot.kv, self._domains[slot.device],
+                                   slot.keep_alive))
+            log.info("%s stays loaded on %s (domain %d) while another model runs",
+                     slot.model.id, slot.device, self._domains[slot.device])
+            slot.runtime, slot.model = None, None
+            slot.kv = KvSession(self.kv_services)
+            slot.keep_alive = None
+
+    def _bring_back(self, slot: DeviceSlot, model) -> bool:
+        """Make a resident `model` the slot's runtime again (no load); False when it is
+        not resident (or its process died meanwhile: then it is buried)."""
+        resident = self._residents[slot.device].take(model.id)
+        if resident is None:
+            return False
+        how = crash_of(resident.runtime)
+        if how is not None or (resident.model.path, resident.model.context_length) != \
+                (model.path, model.context_length):
+            if how is not None:
+                self.crashes.crashed(model.id, how, resident.runtime.crash_during or "idle")
+            self._close_resident(resident, f"its process died ({how})" if how else "changed")
+            return False
+        if slot.runtime is not None:
+            self._set_aside(slot)
+        with slot.cond:
+            slot.runtime, slot.model, slot.kv = resident.runtime, resident.model, resident.kv
+            slot.keep_alive = resident.keep_alive
+            self._domains[slot.device] = resident.domain
+        log.info("%s back on %s (domain %d), no load needed", model.id, slot.device,
+                 resident.domain)
+        return True
+
+    def _domain_option(self, slot: DeviceSlot) -> dict:
+        """base_domain_id for the runtime about to load: one no resident runtime has
+        (only passed when not 0, so factories without the option keep working)."""
+        domain = free_domain(self._residents[slot.device].domains())
+        self._domains[slot.device] = domain
+        return {"base_domain_id": domain} if domain else {}
+
+    def _close_resident(self, resident: Resident, reason: str) -> None:
+        if self.kv_services.snapshots is not None:
+            self.kv_services.snapshots.forget_model(resident.model.id)
+        log.info("unloading %s (resident) from its device: %s", resident.model.id, reason)
+        notify(self.observer, "model_unloaded", resident.model.id, resident.model.device)
+        try:
+            resident.runtime.close()
+        except Exception:
+            log.exception("closing %s failed", resident.model.id)
+
+    def _wait_out_backoff(self, model) -> None:
+        """A model whose runtime crashed several times in a row waits before loading
+        again (1, 2, 4 ... 30 s), so a crash loop never runs at full speed."""
+        pause = self.crashes.backoff(model.id)
+        if pause > 0:
+            log.warning("%s crashed repeatedly; waiting %.1f s before loading it again",
+                        model.id, pause)
+            if self._stop_event.wait(pause):
+                raise ShuttingDown()
+
+    def _bury_if_died_idle(self, slot: DeviceSlot) -> None:
+        """A loaded model's child that died while idle (the OOM killer, a signal from
+        outside) is counted and reaped within a second, not at its next request."""
+        with slot.cond:
+            runtime, busy = slot.runtime, slot.holder is not None
+        # looked at without taking the slot (taking it would restart the idle countdown)
+        if runtime is None or busy or crash_of(runtime, look=True) is None:
+            return
+        if slot.try_acquire_if_idle("crash-check"):
+            try:
+                self._bury_if_crashed(slot)
+            finally:
+                slot.release()
+
+    def _bury_if_crashed(self, slot: DeviceSlot) -> bool:
+        """When the slot's runtime process died: count the crash, reap the process and
+        empty the slot (the next request loads the model again). True when it had."""
+        with slot.cond:
+            runtime, model = slot.runtime, slot.model
+        how = crash_of(runtime) if runtime is not None else None
+        if how is None:
+            return False
+        during = getattr(runtime, "crash_during", "") or "a run"
+        self.crashes.crashed(model.id if model else "?", how, during)
+        log.error("the runtime of %s on %s died (%s during %s); it will be loaded again for "
+                  "the next request", model.id if model else "?", slot.device, how, during)
+        self._close_runtime(slot, f"its process died ({how})")
+        return True
 
     def _preload_system_cache(self, runtime, model) -> Optional[tuple]:
         """Load the system prompt cache this model used last, when still valid."""
@@ -533,6 +768,11 @@ class Engine:
             for slot, limit in limits:
                 if limit is not None:
                     self._unload_if_idle(slot, limit)
+            for residents in self._residents.values():
+                for resident in residents.take_idle(self._resident_limit):
+                    self._close_resident(resident, "idle")
+            for slot in self._slots.values():
+                self._bury_if_died_idle(slot)
 
     def _unload_if_idle(self, slot: DeviceSlot, idle: float) -> None:
         with slot.cond:

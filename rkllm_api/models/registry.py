@@ -53,6 +53,9 @@ _FAMILIES = (  # first match wins: deepseek distills carry "qwen"/"llama" in the
 )
 # Embedding models by name (model_config.json "capabilities": ["embedding"] marks others).
 _EMBEDDING_NAME = re.compile(r"(?:^|-)(?:bge|e5|gte|nomic|mxbai|arctic)(?:-|$)|embed")
+# Reranker models by name (Qwen3-Reranker, bge-reranker, jina-reranker, mxbai-rerank);
+# model_config.json "capabilities": ["reranker"] marks others (rkllm_api/relevance.py).
+_RERANKER_NAME = re.compile(r"rerank")
 _INSTRUCT_FAMILIES = {"phi", "gemma", "llama", "mistral", "internvl", "minicpm", "smollm"}
 
 
@@ -63,7 +66,7 @@ class ModelInfo:
     folder: str
     device: str               # "npu" | "cpu"
     context_length: int
-    capabilities: tuple       # of "thinking", "instruct", "vl", "ocr", "base"
+    capabilities: tuple       # of "thinking", "instruct", "vl", "vision", "ocr", "base"
     aliases: tuple
     family: str               # qwen3, gemma, phi, deepseek, llama, smollm, ... or ""
     config: dict = field(default_factory=dict, compare=False, hash=False)  # model_config.json
@@ -127,7 +130,9 @@ class Registry:
                 return found
             log.warning("DEFAULT_MODEL %r is not an installed model", configured)
         usable = [m for m in models if m.available]
-        usable.sort(key=lambda m: (m.bundled, m.device != "npu"))   # stable: name order stays
+        # Chat models first: an embedding or reranker model (say a Qwen3-Reranker sorted
+        # first on the NPU) answers chats badly. Stable sort: name order stays.
+        usable.sort(key=lambda m: (m.bundled, not _chats(m), m.device != "npu"))
         return usable[0] if usable else None
 
     # ---- scanning ----
@@ -197,7 +202,9 @@ class Registry:
         header, problem = self._inspect(model_file)
         names = [os.path.basename(model_file)] + ([os.path.basename(folder)] if own_folder else [])
         context_length, source = self._context_length(header, names, config)
-        capabilities = _capabilities(model_id, config, has_vision_encoder=bool(rknn))
+        # Images need the encoder's output fed to librkllmrt: NPU models only.
+        capabilities = _capabilities(model_id, config, has_vision_encoder=bool(rknn) and
+                                     device_for_model_file(model_file) == "npu")
         return ModelInfo(
             id=model_id, path=model_file, folder=folder,
             device=device_for_model_file(model_file), context_length=context_length,
@@ -345,12 +352,19 @@ def _family(model_id: str) -> str:
     return ""
 
 
+def _chats(model: ModelInfo) -> bool:
+    """A model meant for chat, not one made only to embed or to rerank."""
+    return not {"embedding", "reranker"} & set(model.capabilities)
+
+
 def _capabilities(model_id: str, config: dict, has_vision_encoder: bool) -> tuple:
     override = config.get("capabilities")
     if isinstance(override, list) and all(isinstance(c, str) for c in override):
         return tuple(dict.fromkeys(c.strip().lower() for c in override if c.strip()))
     name = model_id
-    if _EMBEDDING_NAME.search(name):   # before the families: qwen3-embedding does not think
+    if _RERANKER_NAME.search(name):    # before embeddings: bge-reranker is no embedder
+        caps = ["reranker"]
+    elif _EMBEDDING_NAME.search(name):   # before the families: qwen3-embedding does not think
         caps = ["embedding"]
     elif re.search(r"deepseek-?ocr", name):
         caps = ["instruct", "ocr"]
@@ -364,6 +378,8 @@ def _capabilities(model_id: str, config: dict, has_vision_encoder: bool) -> tupl
         caps = ["base"]
     if has_vision_encoder and "vl" not in caps:
         caps.append("vl")
+    if has_vision_encoder:   # takes images (a "vl" name alone has no encoder to run)
+        caps.append("vision")
     return tuple(caps)
 
 

@@ -28,6 +28,7 @@ class FinishReason(str, enum.Enum):
 class RunMode(enum.Enum):
     GENERATE = "generate"
     EMBED = "embed"  # last hidden layer, no generation
+    LOGITS = "logits"  # the next token's logits after the prompt, no generation
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,29 @@ class SamplingParams:
                 if getattr(self, f.name) is not None}
 
 
+# Where an image's embedding rows go in a prompt: librkllmrt replaces each marker with
+# the model's image start tag, one content tag per row, and its end tag.
+IMAGE_MARKER = "<image>"
+
+
+@dataclass(frozen=True)
+class ImageEmbedding:
+    """One image as the vision encoder saw it: float32 rows (tokens x width) for the
+    language model, plus what librkllmrt is told about it. Picklable (numpy array)."""
+    rows: object              # numpy float32, shape (n_tokens, width), C-contiguous
+    digest: str               # of the image's bytes, for logs and KV keys
+    width: int                # the encoder's input size the image was resized to
+    height: int
+
+
+@dataclass(frozen=True)
+class ImageTags:
+    """The text librkllmrt puts around an image's rows: start, content x rows, end."""
+    start: str
+    end: str
+    content: str
+
+
 @dataclass(frozen=True)
 class RunRequest:
     prompt: str
@@ -73,6 +97,16 @@ class RunRequest:
     # say constrained_output decodes under it; the others ignore it (the chat
     # service validates every answer either way).
     response_schema: Optional[str] = None
+    # Vision-language models: the embeddings of every image the conversation shows, in
+    # order. A prompt holds one IMAGE_MARKER per image it carries; a run whose prompt is
+    # only the newest part of the conversation (the rest kept in the KV cache) carries
+    # the last images, as many as it has markers.
+    images: tuple = ()
+    # The conversation as real turns: ((role, content), ...), the system turn first.
+    # A runtime whose capabilities say chat_turns renders them with the model's own
+    # chat template, keeps the longest common prefix of what its KV cache holds and
+    # prefills only the rest (`prompt` is then unused). Plain tuples: picklable.
+    messages: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -95,6 +129,11 @@ class RunResult:
     unapplied_sampling: tuple = ()
     # RunMode.EMBED only: the last hidden layer, a float32 array with one row per token.
     hidden_states: Optional[object] = None
+    # RunMode.LOGITS only: the logits of the token after the prompt, float32 (vocab,).
+    logits: Optional[object] = None
+    # Tokens of the whole prompt when the runtime knows them exactly (a chat_turns
+    # run): those the KV cache already held plus those prefilled (perf). None: unknown.
+    prompt_tokens: Optional[int] = None
 
 
 class RuntimeLoadError(Exception):
@@ -102,8 +141,10 @@ class RuntimeLoadError(Exception):
 
 
 class EmbeddingInputError(ValueError):
-    """hidden_states() refuses one of its inputs: too long (without truncation), empty,
-    or token ids the runtime cannot check. `index` is the input's position."""
+    """hidden_states() or next_token_logits() refuses one of its inputs: too long
+    (without truncation), empty, or token ids the runtime cannot check. `index` is the
+    input's position; -1 when the refusal is about the model or the choices, not one
+    input (next_token_logits on a model that has no next-token head)."""
 
     def __init__(self, message: str, index: int, *, too_long: bool = False,
                  tokens: int = 0, limit: int = 0):
@@ -136,6 +177,14 @@ class Capabilities:
     lora: bool = False                   # load_lora() + RunRequest.lora_adapter / lora_scale
     counts_tokens: bool = False          # count_tokens() answers with the model's tokenizer
     constrained_output: bool = False     # RunRequest.response_schema constrains decoding
+    next_token_logits: bool = False      # next_token_logits() (reranking by a model)
+    # next_token_logits() runs in the generation context (NPU): the engine empties the
+    # cache first, as for embeddings_share_context. False: the KV cache is not touched.
+    logits_share_context: bool = False
+    images: bool = False                 # RunRequest.images (loaded with image tags)
+    # run() takes RunRequest.messages: the model's own template, longest-common-prefix
+    # reuse of the KV cache (RunResult.prompt_tokens then says the whole prompt).
+    chat_turns: bool = False
 
 
 @runtime_checkable
@@ -196,6 +245,19 @@ class Runtime(Protocol):
     @property
     def embedding_pooling(self) -> Optional[str]:
         """The pooling the model file declares ("mean", "first", "last"), or None."""
+
+    def next_token_logits(self, prompts: Sequence[str], choices: Sequence,
+                          system: str = "", truncate: bool = True) -> list:
+        """For each prompt (a user turn, rendered with the model's chat template, thinking
+        off, under `system` where the runtime can give a turn a system text; else
+        `system` leads the turn), the logits the model gives each of `choices` as the
+        first token of its answer: one list of floats per prompt (in choice order), in
+        order. A choice is a token id, or a word (its first token) where
+        capabilities.counts_tokens. Independent of the conversation: the same prompt
+        always gives the same logits. A prompt longer than the runtime takes loses the
+        end of its text when `truncate`, else is refused (EmbeddingInputError), as is
+        a choice the runtime cannot map (index -1). Arguments and result are plain
+        (picklable) values."""
 
     def load_lora(self, path: str, name: str, scale: float = 1.0) -> None:
         """Make the adapter at path usable as RunRequest.lora_adapter=name (a second

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from rkllm_api.runtimes.base import Runtime, RuntimeLoadError, SamplingParams
+from rkllm_api.runtimes.base import ImageTags, Runtime, RuntimeLoadError, SamplingParams
 
 MODEL_FILE_DEVICES = {".rkllm": "npu", ".gguf": "cpu"}
 
@@ -19,16 +19,23 @@ def device_for_model_file(path: str) -> Optional[str]:
 
 
 def open_runtime(model_path: str, *, context_length: int, settings=None,
-                 default_sampling: Optional[SamplingParams] = None) -> Runtime:
+                 default_sampling: Optional[SamplingParams] = None,
+                 image_tags: Optional[ImageTags] = None, base_domain_id: int = 0) -> Runtime:
     """Create the runtime a model file needs. Imports its backend lazily so a
     CPU-only machine never needs librkllmrt and an NPU board never needs llama.cpp.
     default_sampling: the model's defaults (sampling.model_defaults), used for every
-    field a request leaves unset (librkllmrt takes them at init)."""
+    field a request leaves unset (librkllmrt takes them at init). image_tags: a
+    vision-language model's image tags (NPU only: the encoder output feeds librkllmrt).
+    base_domain_id: librkllmrt's domain, distinct for each NPU model loaded at once
+    (the CPU runtime has none)."""
     device = device_for_model_file(model_path)
     if device == "npu":
         from rkllm_ctypes import RKLLMRuntime
         return RKLLMRuntime(model_path, context_length=context_length, settings=settings,
-                            init_sampling=default_sampling)
+                            init_sampling=default_sampling, image_tags=image_tags,
+                            base_domain_id=base_domain_id)
+    if image_tags is not None:
+        raise RuntimeLoadError(f"{model_path}: image input needs an NPU (.rkllm) model")
     if device == "cpu":
         from rkllm_api.runtimes.llamacpp import LlamaCppRuntime
         return LlamaCppRuntime(model_path, context_length=context_length, settings=settings,

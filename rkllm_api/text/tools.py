@@ -22,6 +22,7 @@ import re
 import secrets
 import string
 from typing import NamedTuple, Optional
+from dataclasses import replace
 
 from rkllm_api.request import ToolSpec
 
@@ -30,6 +31,27 @@ CALL_CLOSE = "</tool_call>"
 
 
 # -- prompt ------------------------------------------------------------------
+
+NO_CALL_NOTE = "(Answer now in plain text; do not call a function.)"
+
+
+def no_call_note(spec: Optional[ToolSpec]) -> str:
+    """For tool_choice "none" with functions offered (Home Assistant's follow-up after
+    a call): the note added to the newest turn. The tools text itself stays in the
+    system prompt (see prefix_tools_prompt), so the prompt's prefix is unchanged."""
+    if spec is None or spec.choice != "none" or not spec.functions:
+        return ""
+    return NO_CALL_NOTE
+
+
+def prefix_tools_prompt(spec: Optional[ToolSpec]) -> str:
+    """The tools text for the system prompt. tool_choice "none" keeps the text a
+    request with "auto" gets: the conversation before it stays a prefix the KV cache
+    holds, and no_call_note() tells the model not to call."""
+    if spec is not None and spec.choice == "none" and spec.functions:
+        spec = replace(spec, choice="auto")
+    return render_tools_prompt(spec)
+
 
 def render_tools_prompt(spec: Optional[ToolSpec]) -> str:
     """Instructions appended to the system text; "" when no tool may be called."""

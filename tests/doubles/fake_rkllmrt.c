@@ -26,6 +26,7 @@
 #include <time.h>
 #include <unistd.h>
 #include <pthread.h>
+#include <signal.h>
 #include <sys/stat.h>
 
 #ifndef FAKE_ABI_MINOR
@@ -45,6 +46,8 @@
 const char fake_rkllm_version_banner[] = "rkllm-runtime version: " FAKE_VERSION;
 
 #define HIDDEN_WIDTH 64
+#define LOGITS_VOCAB 256       /* the double's vocabulary, for GET_LOGITS */
+#define LOGITS_EARLIER -50.0f  /* every logit of a row before the last one */
 #define HANG_LIMIT_MS 120000 /* a forgotten @@hang@@ still ends, so test runs stay bounded */
 
 /* ------------------------------------------------------------------ types */
@@ -378,7 +381,45 @@ typedef struct {
     int error_after; /* ERROR after this many tokens, or -1 */
     int split_at;    /* bytes of a multi-byte character sent WAITING; 0 = one per byte */
     long long started_us;
+    const char *crash_kind; /* @@crash:KIND@@: die after crash_after tokens, or NULL */
+    size_t crash_kind_len;
+    int crash_after;
 } Stream;
+
+/* ---- crashes (@@crash:KIND@@ in a prompt, @@init_crash:KIND@@ heading a model file):
+ * the ways the real library dies (SIGSEGV, abort(), SIGILL on a CPU without SVE, a call
+ * to exit()), so tests can see the server outlive them. Recorded first. */
+#define CRASH_EXIT_STATUS 3
+
+static void crash_now(const char *kind, size_t len) {
+    char name[16] = {0};
+    snprintf(name, sizeof name, "%.*s", (int)(len < sizeof name ? len : sizeof name - 1), kind);
+    FILE *out = record_begin("crash");
+    if (out) {
+        fputs(", \"kind\": ", out);
+        json_string(out, name);
+        record_end(out);
+    }
+    fflush(NULL);
+    if (strcmp(name, "segv") == 0) {
+        volatile int *nowhere = NULL;
+        *nowhere = 1;          /* a real invalid write, as a bad pointer in the library */
+        raise(SIGSEGV);
+    } else if (strcmp(name, "abort") == 0) {
+        abort();
+    } else if (strcmp(name, "ill") == 0) {
+        raise(SIGILL);
+    } else if (strcmp(name, "exit") == 0) {
+        exit(CRASH_EXIT_STATUS);
+    }
+    fprintf(stderr, "E rkllm: unknown crash kind %s\n", name);
+    abort();
+}
+
+static void crash_if_due(Stream *s) {
+    if (s->crash_kind != NULL && s->tokens >= s->crash_after)
+        crash_now(s->crash_kind, s->crash_kind_len);
+}
 
 /* 0 = go on; 1 = stop (abort, length or scripted error handled by the caller). */
 static int stream_should_stop(Stream *s) {
@@ -396,6 +437,7 @@ static void emit(Stream *s, const char *text, int state) {
 
 /* One token: its bytes go out in one NORMAL callback. */
 static int emit_token(Stream *s, const char *text) {
+    crash_if_due(s);
     if (stream_should_stop(s)) return 1;
     if (s->slow_ms > 0) {
         sleep_unless_aborted(s->model, s->slow_ms);
@@ -523,6 +565,58 @@ static void run_embedding(Stream *s, const char *prompt) {
     free(hidden);
 }
 
+/* GET_LOGITS: LOGITS_VOCAB logits for every prompt word, the last row being the
+ * next token's. Earlier rows hold LOGITS_EARLIER (a binding reading the wrong row
+ * sees it); the last row is 0 except what `@@logits:ID=VALUE,ID=VALUE@@` in the
+ * prompt sets, so a test scripts the answer's yes/no logits per document. Released
+ * like a hidden layer (2 from the callback on 1.3), recorded as a `logits` line. */
+static void run_logits(Stream *s, const char *prompt) {
+    int tokens = count_words(prompt);
+    if (tokens < 1) tokens = 1;
+    float *logits = malloc((size_t)tokens * LOGITS_VOCAB * sizeof(float));
+    if (logits == NULL) {
+        emit(s, NULL, STATE_ERROR);
+        return;
+    }
+    for (int i = 0; i < tokens * LOGITS_VOCAB; i++) logits[i] = LOGITS_EARLIER;
+    float *last = logits + (size_t)(tokens - 1) * LOGITS_VOCAB;
+    memset(last, 0, LOGITS_VOCAB * sizeof(float));
+    size_t len;
+    const char *script = find_directive(prompt, "logits", &len);
+    for (const char *p = script, *end = script ? script + len : NULL; p && p < end;) {
+        char *after;
+        long id = strtol(p, &after, 10);
+        if (after == p || *after != '=') break;
+        float value = strtof(after + 1, &after);
+        if (id >= 0 && id < LOGITS_VOCAB) last[id] = value;
+        p = (*after == ',') ? after + 1 : end;
+    }
+    s->result.logits.logits = logits;
+    s->result.logits.vocab_size = LOGITS_VOCAB;
+    s->result.logits.num_tokens = tokens;
+    s->result.text = NULL;
+    int answer = s->model->callback(&s->result, s->userdata, STATE_NORMAL);
+    int released = FAKE_ABI_MINOR >= 3 && answer == 2;
+    if (!released) s->model->unreleased_outputs++;
+    FILE *out = record_begin("logits");
+    if (out) {
+        fprintf(out, ", \"num_tokens\": %d, \"vocab_size\": %d, \"callback_return\": %d"
+                ", \"released\": %s, \"unreleased_outputs\": %d",
+                tokens, LOGITS_VOCAB, answer, released ? "true" : "false",
+                s->model->unreleased_outputs);
+        record_end(out);
+    }
+    if (released) {
+        memset(logits, 0, (size_t)tokens * LOGITS_VOCAB * sizeof(float));
+        s->result.logits.logits = NULL;
+        s->result.logits.num_tokens = 0;
+    }
+    fill_perf(s, tokens, now_us());
+    emit(s, NULL, STATE_FINISH);
+    s->result.logits.logits = NULL;
+    free(logits);
+}
+
 static void save_prompt_cache(const char *path, int kv_length) {
     FILE *out = fopen(path, "w");
     if (out == NULL) return;
@@ -549,7 +643,73 @@ static void record_init(const RKLLMParam *p) {
             p->mirostat, p->skip_special_token, p->is_async, p->extend_param.base_domain_id,
             p->extend_param.embed_flash, p->extend_param.enabled_cpus_num,
             p->extend_param.enabled_cpus_mask, p->extend_param.n_batch);
+#if FAKE_ABI_MINOR == 2
+    fputs(", \"img_start\": ", out);
+    json_string(out, p->img_start);
+    fputs(", \"img_end\": ", out);
+    json_string(out, p->img_end);
+    fputs(", \"img_content\": ", out);
+    json_string(out, p->img_content);
+#endif
     record_end(out);
+}
+
+/* ------------------------------------------------------- multimodal input (vision)
+ * A MULTIMODAL run is recorded with what reached each struct field: the prompt, the
+ * image counts and size, the image tags (1.3: in the input; 1.2: given at init), and
+ * the embedding rows, read as n_image x n_image_tokens x HIDDEN_WIDTH floats (the
+ * "model's" hidden size): the first three values of each row (up to
+ * MM_RECORDED_ROWS rows per image) and the sum of all of them. */
+#define MM_RECORDED_ROWS 64
+#define IMAGE_MARKER "<image>"
+
+static const char *multimodal_prompt(const RKLLMInput *in) {
+    return in->multimodal_input.prompt ? in->multimodal_input.prompt : "";
+}
+
+#if FAKE_ABI_MINOR == 2
+#define MM_IMAGE(in) (&(in)->multimodal_input)
+#else
+#define MM_IMAGE(in) (&(in)->multimodal_input.image)
+#endif
+
+static int count_markers(const char *prompt) {
+    int found = 0;
+    for (const char *at = strstr(prompt, IMAGE_MARKER); at; at = strstr(at + 1, IMAGE_MARKER))
+        found++;
+    return found;
+}
+
+static void record_multimodal(FILE *out, const RKLLMInput *in) {
+    fputs(", \"multimodal\": {\"prompt\": ", out);
+    json_string(out, in->multimodal_input.prompt);
+    size_t n_image = MM_IMAGE(in)->n_image, n_tokens = MM_IMAGE(in)->n_image_tokens;
+    fprintf(out, ", \"n_image\": %zu, \"n_image_tokens\": %zu, \"image_width\": %zu"
+            ", \"image_height\": %zu", n_image, n_tokens, MM_IMAGE(in)->image_width,
+            MM_IMAGE(in)->image_height);
+#if FAKE_ABI_MINOR >= 3
+    fputs(", \"image_start\": ", out);
+    json_string(out, in->multimodal_input.image.image_start);
+    fputs(", \"image_end\": ", out);
+    json_string(out, in->multimodal_input.image.image_end);
+    fputs(", \"image_content\": ", out);
+    json_string(out, in->multimodal_input.image.image_content);
+#endif
+    const float *embed = MM_IMAGE(in)->image_embed;
+    double sum = 0.0;
+    fputs(", \"rows\": [", out);
+    for (size_t i = 0; embed && i < n_image; i++) {
+        fputs(i ? ", [" : "[", out);
+        for (size_t t = 0; t < n_tokens; t++) {
+            const float *row = embed + (i * n_tokens + t) * HIDDEN_WIDTH;
+            for (int d = 0; d < HIDDEN_WIDTH; d++) sum += row[d];
+            if (t < MM_RECORDED_ROWS)
+                fprintf(out, "%s[%g, %g, %g]", t ? ", " : "", row[0], row[1], row[2]);
+        }
+        fputs("]", out);
+    }
+    fprintf(out, "], \"embed_sum\": %.6g, \"embed_present\": %s}", sum,
+            embed ? "true" : "false");
 }
 
 static void record_run(const char *call, const RKLLMInput *in, const RKLLMInferParam *ip) {
@@ -561,6 +721,13 @@ static void record_run(const char *call, const RKLLMInput *in, const RKLLMInferP
             in->enable_thinking ? "true" : "false", in->input_type);
     fputs(", \"prompt\": ", out);
     json_string(out, in->input_type == INPUT_PROMPT ? in->prompt_input : NULL);
+    if (in->input_type == INPUT_MULTIMODAL) record_multimodal(out, in);
+    if (in->input_type == INPUT_TOKEN) {   /* token input: the ids, in order */
+        fputs(", \"tokens\": [", out);
+        for (size_t i = 0; i < in->token_input.n_tokens; i++)
+            fprintf(out, "%s%d", i ? ", " : "", (int)in->token_input.input_ids[i]);
+        fputs("]", out);
+    }
     if (ip == NULL) {
         fputs(", \"infer_params\": null", out);
         record_end(out);
@@ -630,6 +797,19 @@ static int model_file_says(const char *path, const char *directive) {
     return got >= strlen(directive) && strncmp(head, directive, strlen(directive)) == 0;
 }
 
+/* The KIND of a model file starting with "@@init_crash:KIND@@". */
+static const char *init_crash_kind(const char *path) {
+    static char kind[16];
+    char head[64] = {0};
+    FILE *file = fopen(path, "rb");
+    if (file == NULL) return "segv";
+    size_t got = fread(head, 1, sizeof head - 1, file);
+    fclose(file);
+    head[got] = '\0';
+    if (sscanf(head, "@@init_crash:%15[a-z]@@", kind) != 1) return "segv";
+    return kind;
+}
+
 #if FAKE_ABI_MINOR == 2
 int rkllm_init(LLMHandle *handle, RKLLMParam *param, LLMResultCallback callback) {
     void *init_userdata = NULL;
@@ -650,6 +830,10 @@ int rkllm_init(LLMHandle *handle, RKLLMParam *param, RKLLMCallback *callbacks) {
         /* missing, not a file, or empty: what a corrupt .rkllm looks like to the double */
         fprintf(stderr, "E rkllm: cannot load model file %s\n", param->model_path);
         return -1;
+    }
+    if (model_file_says(param->model_path, "@@init_crash:")) {
+        const char *kind = init_crash_kind(param->model_path);
+        crash_now(kind, strlen(kind));
     }
     if (model_file_says(param->model_path, "@@init_fail@@")) {
         /* a model the library refuses (built for another platform, say) */
@@ -741,6 +925,18 @@ int rkllm_run(LLMHandle handle, RKLLMInput *input, RKLLMInferParam *infer, void 
     record_run("run", input, infer);
     const char *prompt = input->input_type == INPUT_PROMPT && input->prompt_input
                              ? input->prompt_input : "";
+    int image_tokens = 0;
+    if (input->input_type == INPUT_MULTIMODAL) {
+        prompt = multimodal_prompt(input);
+        /* like a real runtime, a marker without an image (or the reverse) is refused */
+        if ((size_t)count_markers(prompt) != MM_IMAGE(input)->n_image ||
+            MM_IMAGE(input)->image_embed == NULL || MM_IMAGE(input)->n_image_tokens == 0) {
+            fprintf(stderr, "E rkllm: %d image markers for %zu images\n",
+                    count_markers(prompt), MM_IMAGE(input)->n_image);
+            return -1;
+        }
+        image_tokens = (int)(MM_IMAGE(input)->n_image * MM_IMAGE(input)->n_image_tokens);
+    }
     if (has_directive(prompt, "fail")) return -1;
 
     Stream s;
@@ -752,13 +948,16 @@ int rkllm_run(LLMHandle handle, RKLLMInput *input, RKLLMInferParam *infer, void 
     s.slow_ms = directive_int(prompt, "slow", 0);
     s.split_at = directive_int(prompt, "split", 1);
     s.limit = model->param.max_new_tokens;
+    s.crash_kind = find_directive(prompt, "crash", &s.crash_kind_len);
+    s.crash_after = directive_int(prompt, "crash_after", 1);
 #if FAKE_ABI_MINOR >= 3
     if (infer->max_new_tokens > 0) s.limit = infer->max_new_tokens;
 #endif
     atomic_store(&model->abort_requested, 0);
     atomic_store(&model->running, 1);
 
-    int prompt_words = count_words(prompt);
+    int prompt_words = count_words(prompt) + image_tokens;
+    if (input->input_type == INPUT_TOKEN) prompt_words += (int)input->token_input.n_tokens;
     int prefill_delay = directive_int(prompt, "prefill", 0);
     if (prefill_delay > 0) sleep_ms(prefill_delay); /* like the real one, not abortable */
     long long prefill_end = now_us();
@@ -772,6 +971,11 @@ int rkllm_run(LLMHandle handle, RKLLMInput *input, RKLLMInferParam *infer, void 
         atomic_store(&model->running, 0);
         return 0;
     }
+    if (infer->mode == MODE_LOGITS) {
+        run_logits(&s, prompt);
+        atomic_store(&model->running, 0);
+        return 0;
+    }
 
     size_t reply_len;
     const char *reply = find_directive(prompt, "reply", &reply_len);
@@ -780,6 +984,7 @@ int rkllm_run(LLMHandle handle, RKLLMInput *input, RKLLMInferParam *infer, void 
     else if (count >= 0) stream_count(&s, count);
     else if (has_directive(prompt, "hang")) stream_hang(&s);
     else stream_default(&s);
+    if (s.crash_kind != NULL) crash_now(s.crash_kind, s.crash_kind_len); /* a short answer */
 
     if (s.error_after >= 0 && s.tokens >= s.error_after && !atomic_load(&model->abort_requested)) {
         emit(&s, "scripted failure of the NPU double", STATE_ERROR);
@@ -802,10 +1007,19 @@ int rkllm_clear_kv_cache(LLMHandle handle, int keep_system_prompt, int *start_po
     if (out) {
         fprintf(out, ", \"keep_system_prompt\": %d, \"ranges\": %s", keep_system_prompt,
                 (start_pos || end_pos) ? "true" : "false");
+        if (start_pos && end_pos)
+            fprintf(out, ", \"start_pos\": %d, \"end_pos\": %d", *start_pos, *end_pos);
         record_end(out);
     }
     FakeModel *model = handle;
     if (model == NULL) return -1;
+    if (start_pos && end_pos) {   /* positions [start, end) go, the rest moves up */
+        int start = *start_pos, end = *end_pos;
+        if (start < 0 || end < start) return -1;
+        if (start < model->kv_length)
+            model->kv_length = start + (end < model->kv_length ? model->kv_length - end : 0);
+        return 0;
+    }
     model->kv_length = 0;
     return 0;
 }

@@ -36,7 +36,10 @@ def make_engine(tmp_path, smollm_available):
     def build(**overrides):
         values = dict(models_root=str(tmp_path / "models"), include_bundled_model=True,
                       cpu_threads=1, gguf_max_context_length=2048, idle_unload_seconds=0,
-                      heartbeat_seconds=0, kv_cache_dir=str(tmp_path / "cache"))
+                      heartbeat_seconds=0, kv_cache_dir=str(tmp_path / "cache"),
+                      # In-process: these tests read llama.cpp's state (the KV tokens);
+                      # tests/test_isolation.py covers the child-process runtime.
+                      runtime_isolation=False)
         values.update(overrides)
         settings = Settings(**values)
         engine = Engine(settings, Registry(settings))

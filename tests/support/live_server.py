@@ -178,13 +178,22 @@ NPU_DOUBLE_ABI = "1.3"
 
 
 def start_npu_server(live_servers: LiveServers, double_libs: dict, abi: str = NPU_DOUBLE_ABI,
-                     extra_models: tuple = (), **env) -> LiveServer:
+                     extra_models: tuple = (), model_configs: Optional[dict] = None,
+                     prepare_models=None, **env) -> LiveServer:
     """A server whose model is NPU_MODEL_ID (plus extra_models, ids whose names
     give them capabilities, e.g. "qwen3-..." thinks) on the librkllmrt double.
-    server.record reads the double's call record."""
+    model_configs: {model id: dict written as that model's model_config.json}.
+    prepare_models(models_root): called before the server starts (add files to the
+    model folders, e.g. a vision encoder). server.record reads the double's record."""
     folder = os.path.join(live_servers.tmp_dir, f"npu{len(live_servers.started)}")
     for model_id in (NPU_MODEL_ID,) + tuple(extra_models):
         make_fake_rkllm_model(os.path.join(folder, "models", model_id), model_id)
+    for model_id, config in (model_configs or {}).items():
+        with open(os.path.join(folder, "models", model_id, "model_config.json"), "w",
+                  encoding="utf-8") as handle:
+            json.dump(config, handle)
+    if prepare_models is not None:
+        prepare_models(os.path.join(folder, "models"))
     record = os.path.join(folder, "rkllm-record.jsonl")
     settings = {"RKLLM_MODELS_ROOT": os.path.join(folder, "models"),
                 "RKLLM_BUNDLED_MODEL": "false", "RKLLM_LIB_PATH": double_libs[abi],
