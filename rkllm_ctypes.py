@@ -715,9 +715,12 @@ class RKLLMRuntime:
 
     def __init__(self, model_path: str, *, context_length: int, settings=None,
                  init_sampling: Optional[SamplingParams] = None, base_domain_id: int = 0,
-                 image_tags: Optional[ImageTags] = None):
+                 image_tags: Optional[ImageTags] = None, system_template=None):
         """image_tags: a vision-language model's image start/end/content text; the
-        runtime then takes RunRequest.images (1.2 needs the tags at init, 1.3 per run)."""
+        runtime then takes RunRequest.images (1.2 needs the tags at init, 1.3 per run).
+        system_template: models/system_templates.SystemTemplate, the template through
+        which use_system_prompt() gives the model its system text (unused when the
+        model folder holds its tokenizer: real turns carry the system role then)."""
         if settings is None:
             from rkllm_api.config import Settings
             settings = Settings.from_env()
@@ -747,6 +750,10 @@ class RKLLMRuntime:
             self.capabilities = replace(type(self).capabilities, images=True)
         self._init(init_sampling or SamplingParams(), base_domain_id)
         self._setup_turns()
+        self._system_template = system_template if self._turns is None else None
+        self._system_prompt: Optional[str] = None   # None: the model's own template
+        if self._system_template is not None:
+            self.capabilities = replace(self.capabilities, system_prompt_template=True)
 
     # --- loading
 
@@ -1321,6 +1328,20 @@ class RKLLMRuntime:
                 prompt_postfix.encode())
         if status != 0:
             raise RuntimeLoadError(f"rkllm_set_chat_template failed (code {status})")
+
+    def use_system_prompt(self, text: str) -> bool:
+        """Give the model `text` as its system prompt through the system template
+        (capability system_prompt_template). True when the template changed, which
+        cleared the KV cache; False when it held this system text already."""
+        if self._system_template is None:
+            raise RuntimeLoadError("this model takes no system prompt through its template")
+        if text == self._system_prompt:
+            return False
+        template = self._system_template
+        self._system_prompt = None   # unknown until the call below succeeds
+        self.set_chat_template(template.system_part(text), template.prefix, template.postfix)
+        self._system_prompt = text
+        return True
 
     def set_function_tools(self, system_prompt: str, tools_json: str,
                            tool_response_str: str) -> None:

@@ -90,6 +90,9 @@ class KvSession:
         self.model = None               # registry.ModelInfo of the runtime
         self._serial = 0
         self._pending: Optional[KvTicket] = None
+        # The system text the runtime's template holds (use_system_prompt); None: the
+        # model's own template. Part of what the cache means, so reset with it.
+        self._template_system: Optional[str] = None
         self.lock = threading.Lock()
 
     def reset(self, model=None, base: Optional[tuple] = None) -> None:
@@ -97,6 +100,7 @@ class KvSession:
         with self.lock:
             self.known, self.key, self.base, self._pending = True, None, base, None
             self.model = model
+            self._template_system = None
 
     # -- before the run
     def prepare(self, runtime, job: GenerationJob) -> tuple:
@@ -106,9 +110,16 @@ class KvSession:
             serial, self._pending = self._serial, None
         built = job.conversation
         if not is_built_prompt(built):
+            self.use_template_system(runtime, "")
             return self._prepare_raw(runtime, job, serial)
         if takes_turns(runtime, job, built):
             return self._prepare_turns(runtime, job, built, serial)
+        # A named cache was prefilled without a system part: none beneath it either.
+        template_system = "" if job.use_cache else built.system
+        if self.use_template_system(runtime, template_system) and template_system:
+            # The system text is the template's: the prompt is the rest.
+            built = replace(built, text=built.conversation_text)
+            job = replace(job, conversation=built, run=replace(job.run, prompt=built.text))
         if built.standalone or not job.run.keep_history:
             # A standalone prompt (completion, RAG turn, background task) must not see
             # another conversation: the runtimes keep earlier kept turns as context
@@ -118,6 +129,28 @@ class KvSession:
             self._reset_to(runtime, None)
             return replace(job.run, keep_history=False), KvTicket(serial, KvMode.STANDALONE, built)
         return self._prepare_conversation(runtime, job, built, serial)
+
+    def use_template_system(self, runtime, system: str) -> bool:
+        """Where the runtime takes the system prompt in its template (an NPU model
+        without its tokenizer, models/system_templates.py): make it hold `system`.
+        Changing it clears the KV cache, so the conversation there is snapshotted
+        first and the cache is then known empty. False: no template system here
+        (the system text stays at the top of the prompt)."""
+        if not runtime.capabilities.system_prompt_template:
+            return False
+        if self._template_system == system:
+            return True
+        self._leave(runtime)
+        with self.lock:
+            self.known = False   # until the template holds the new system text
+            base = self.base
+        if base is not None:
+            release_prompt_cache(runtime)
+        runtime.use_system_prompt(system)
+        with self.lock:
+            self.known, self.key, self.base = True, None, None
+            self._template_system = system
+        return True
 
     def _prepare_turns(self, runtime, job: GenerationJob, built, serial: int) -> tuple:
         """Real turns: the runtime keeps the longest common prefix of what its cache
@@ -270,6 +303,9 @@ class KvSession:
             self._serial += 1
             self._pending = None
         self._leave(runtime)
+        # No chat's system text around an embedding or a reranker's judgement: the
+        # same input gives the same result whatever chat ran before.
+        self.use_template_system(runtime, "")
         self._reset_to(runtime, None)
 
     def leave_for_other_work(self, runtime) -> None:
@@ -309,9 +345,11 @@ class KvSession:
                 if ticket is not None:
                     ticket.dropped_cache, ticket.prefix = job.use_cache, adapter_prefix(job.run)
                 job = replace(job, use_cache="")
-        # The system prompt cache holds the base model's KV: never beneath an adapter.
-        path = None if job.run.lora_adapter else services.system_cache_file(self.model,
-                                                                             built.system)
+        # The system prompt cache holds the base model's KV: never beneath an adapter,
+        # nor where the system text is the template's (the cache would hold it twice).
+        path = None
+        if not job.run.lora_adapter and not runtime.capabilities.system_prompt_template:
+            path = services.system_cache_file(self.model, built.system)
         if path is not None and not os.path.isfile(path):
             with self.lock:
                 self.known = False   # the extra run below replaces the cache content

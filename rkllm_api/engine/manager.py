@@ -40,7 +40,7 @@ from rkllm_api.engine.kv_session import (CacheBase, KvServices, KvSession,
                                          release_prompt_cache)
 from rkllm_api.engine.observer import EngineObserver, notify
 from rkllm_api.engine.slots import ArrivalOrder, DeviceSlot
-from rkllm_api.models import adapters, sampling
+from rkllm_api.models import adapters, sampling, system_templates
 from rkllm_api.runtimes.base import EmbeddingInputError, check_runtime
 from rkllm_api.runtimes.factory import open_runtime
 from rkllm_api.runtimes.isolation import (IsolatedRuntimes, RuntimeCrashed, crash_of,
@@ -578,7 +578,8 @@ class Engine:
             runtime = self._runtime_factory(
                 model.path, context_length=model.context_length, settings=self.settings,
                 default_sampling=sampling.model_defaults(model.family, model.config),
-                **vision.runtime_options(model), **self._domain_option(slot))
+                **vision.runtime_options(model), **self._domain_option(slot),
+                **system_templates.runtime_options(model))
             check_runtime(runtime)   # what it can do is declared, and checked here once
         except RuntimeCrashed as exc:
             log.error("loading %s failed: %s", model.id, exc)
@@ -718,7 +719,10 @@ class Engine:
         return True
 
     def _preload_system_cache(self, runtime, model) -> Optional[tuple]:
-        """Load the system prompt cache this model used last, when still valid."""
+        """Load the system prompt cache this model used last, when still valid (not
+        where the system text goes into the runtime's template: no such caches)."""
+        if runtime.capabilities.system_prompt_template:
+            return None
         path = self.kv_services.preload_file(model)
         if path is None:
             return None

@@ -182,6 +182,9 @@ class Capabilities:
     # cache first, as for embeddings_share_context. False: the KV cache is not touched.
     logits_share_context: bool = False
     images: bool = False                 # RunRequest.images (loaded with image tags)
+    # use_system_prompt() puts the system text in the runtime's own template (NPU
+    # without a tokenizer: rkllm_set_chat_template, which clears the KV cache)
+    system_prompt_template: bool = False
     # run() takes RunRequest.messages: the model's own template, longest-common-prefix
     # reuse of the KV cache (RunResult.prompt_tokens then says the whole prompt).
     chat_turns: bool = False

@@ -20,20 +20,22 @@ def device_for_model_file(path: str) -> Optional[str]:
 
 def open_runtime(model_path: str, *, context_length: int, settings=None,
                  default_sampling: Optional[SamplingParams] = None,
-                 image_tags: Optional[ImageTags] = None, base_domain_id: int = 0) -> Runtime:
+                 image_tags: Optional[ImageTags] = None, base_domain_id: int = 0,
+                 system_template=None) -> Runtime:
     """Create the runtime a model file needs. Imports its backend lazily so a
     CPU-only machine never needs librkllmrt and an NPU board never needs llama.cpp.
     default_sampling: the model's defaults (sampling.model_defaults), used for every
     field a request leaves unset (librkllmrt takes them at init). image_tags: a
     vision-language model's image tags (NPU only: the encoder output feeds librkllmrt).
     base_domain_id: librkllmrt's domain, distinct for each NPU model loaded at once
-    (the CPU runtime has none)."""
+    (the CPU runtime has none). system_template: how an NPU model without its
+    tokenizer takes the system prompt (models/system_templates.py)."""
     device = device_for_model_file(model_path)
     if device == "npu":
         from rkllm_ctypes import RKLLMRuntime
         return RKLLMRuntime(model_path, context_length=context_length, settings=settings,
                             init_sampling=default_sampling, image_tags=image_tags,
-                            base_domain_id=base_domain_id)
+                            base_domain_id=base_domain_id, system_template=system_template)
     if image_tags is not None:
         raise RuntimeLoadError(f"{model_path}: image input needs an NPU (.rkllm) model")
     if device == "cpu":
