@@ -87,6 +87,29 @@ def test_the_system_prompt_goes_through_the_template_once_per_system_text(
     assert all(SYSTEM not in run["prompt"] for run in rkllm_record.entries("run"))
 
 
+def test_a_refused_template_fails_that_request_and_the_next_one_sets_it_again(
+        engine_with, rkllm_record):
+    engine = engine_with(QWEN)
+    chat_turn(engine, QWEN, [{"role": "system", "content": SYSTEM},
+                             {"role": "user", "content": "Hello!"}])
+    refused = [{"role": "system", "content": "@@template_fail@@"},
+               {"role": "user", "content": "Hi"}]
+    runs = len(rkllm_record.entries("run"))
+    built = prompts.PromptBuilder(engine.settings).build_chat(typed(refused),
+                                                              context_length=4096)
+    failed = engine.generate(GenerationJob(QWEN, RunRequest(
+        prompt=built.text, keep_history=True, max_new_tokens=8), "t", built))
+    errors = [e.error for e in failed.events() if e.kind is EventKind.ERROR]
+    assert errors and "failed" in errors[0]              # the client's error (no details)
+    assert len(rkllm_record.entries("run")) == runs     # nothing ran under that template
+    # The runtime's template is unknown now: the first system text is set again.
+    generation, _ = chat_turn(engine, QWEN, [{"role": "system", "content": SYSTEM},
+                                             {"role": "user", "content": "Hello again!"}])
+    assert templates_set(rkllm_record)[-1] == f"<|im_start|>system\n{SYSTEM}<|im_end|>\n"
+    assert len(rkllm_record.entries("run")) == runs + 1
+    assert rkllm_record.last("run")["prompt"] == "Hello again!"
+
+
 def test_no_system_text_sets_no_system_part(engine_with, rkllm_record):
     engine = engine_with(QWEN)
     chat_turn(engine, QWEN, [{"role": "user", "content": "Hello!"}])

@@ -146,7 +146,11 @@ class KvSession:
             base = self.base
         if base is not None:
             release_prompt_cache(runtime)
-        runtime.use_system_prompt(system)
+        try:
+            runtime.use_system_prompt(system)
+        except Exception:
+            self._template_system = None   # unknown: the next request sets it again
+            raise
         with self.lock:
             self.known, self.key, self.base = True, None, None
             self._template_system = system

@@ -1054,6 +1054,8 @@ int rkllm_set_chat_template(LLMHandle handle, const char *system_prompt,
     FakeModel *model = handle;
     if (model == NULL) return -1;
     model->kv_length = 0; /* the real runtime clears the KV cache here too */
+    /* A system part holding @@template_fail@@ is refused (after the clear). */
+    if (system_prompt != NULL && strstr(system_prompt, "@@template_fail@@") != NULL) return -1;
     return 0;
 }
 
