@@ -60,11 +60,14 @@ class Reply:
             self.generation.cancel()
         self.events.close()
 
-    def headers(self) -> dict:
+    def headers(self, streamed: bool = False) -> dict:
         """What the server says about the run in response headers: the sampling
         fields the runtime could not apply (librkllmrt 1.2 fixes sampling at load; no
         NPU runtime has a seed; known before the run, so streamed replies carry it
-        too), and how the KV cache served the prompt (known once the run is over)."""
+        too), and how the KV cache served the prompt. That is known once the run is
+        over, after a streamed reply's headers have left: a streamed reply never
+        carries it (rather than carrying it only when the run was quick), its usage
+        chunk, the log line and the metrics do."""
         generation = self.generation
         headers = {ROUTED_HEADER: self.routed_to} if self.routed_to else {}
         if generation is None:
@@ -74,7 +77,7 @@ class Reply:
             unapplied = generation.result.unapplied_sampling
         if unapplied:
             headers[UNAPPLIED_SAMPLING_HEADER] = ",".join(unapplied)
-        if generation.prefilled_tokens is not None:
+        if not streamed and generation.prefilled_tokens is not None:
             headers[PREFILL_TOKENS_HEADER] = str(generation.prefilled_tokens)
             headers[KV_MODE_HEADER] = str(generation.kv_mode or "-")
         if generation.cache_dropped:

@@ -350,6 +350,24 @@ def think(text, **extra):
     return {"model": THINKING_MODEL, "messages": [{"role": "user", "content": text}], **extra}
 
 
+def test_run_figures_are_headers_of_whole_replies_only(server):
+    """X-RKLLM-KV and X-RKLLM-Prefill-Tokens are known once the run is over; a
+    streamed reply's headers leave before that, so it never carries them (however
+    quick the run), and its usage chunk has the figures instead."""
+    body = {"model": NPU_MODEL_ID, "messages": [{"role": "user", "content": "hi @@reply:ok@@"}]}
+    whole = server.post(CHAT, json=body)
+    assert whole.headers["X-RKLLM-KV"] and int(whole.headers["X-RKLLM-Prefill-Tokens"]) > 0
+    for _ in range(3):   # a one-token answer is often over before the first byte
+        response, payloads = server.stream_chat({**body, "stream_options": {
+            "include_usage": True}})
+        assert "X-RKLLM-KV" not in response.headers
+        assert "X-RKLLM-Prefill-Tokens" not in response.headers
+        assert payloads[-2]["usage"]["prompt_tokens"] > 0
+    ollama = server.post("/api/chat", json={**body, "stream": True})
+    assert ollama.status_code == 200 and "X-RKLLM-KV" not in ollama.headers
+    assert json.loads(ollama.text.strip().splitlines()[-1])["prompt_eval_count"] > 0
+
+
 def test_thinking_model_splits_reasoning_in_json_and_stream(server):
     body = server.post(CHAT, json=think(THINK_REPLY)).json()
     assert server.record.last("run")["enable_thinking"] is True

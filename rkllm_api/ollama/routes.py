@@ -174,7 +174,8 @@ def _respond(reply, answer: OllamaAnswer, stream: bool, model_id: str, keep_aliv
         run.complete = True
     lines = _then(coalesced(render_ndjson(itertools.chain((first,), events), answer)),
                   lambda: _keep_alive(engine, model_id, keep_alive))
-    return _with_headers(Response(StreamBody(lines, reply), mimetype=NDJSON), reply)
+    return _with_headers(Response(StreamBody(lines, reply), mimetype=NDJSON), reply,
+                         streamed=True)
 
 
 def _then(lines, after):
@@ -185,8 +186,8 @@ def _then(lines, after):
         after()
 
 
-def _with_headers(response: Response, reply) -> Response:
-    response.headers.update(reply.headers())
+def _with_headers(response: Response, reply, streamed: bool = False) -> Response:
+    response.headers.update(reply.headers(streamed))
     return response
 
 

@@ -63,11 +63,11 @@ def respond(reply, chunks: protocol.ChatChunks, stream: bool) -> Response:
     lines = coalesced(render_sse(itertools.chain((first,), events), chunks))
     response = Response(StreamBody(lines, reply), mimetype="text/event-stream",
                         headers=SSE_HEADERS)
-    return _with_headers(response, reply)
+    return _with_headers(response, reply, streamed=True)
 
 
-def _with_headers(response: Response, reply) -> Response:
-    response.headers.update(reply.headers())
+def _with_headers(response: Response, reply, streamed: bool = False) -> Response:
+    response.headers.update(reply.headers(streamed))
     return response
 
 
