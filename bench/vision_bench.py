@@ -10,8 +10,9 @@ Encoder path: RknnEncoder.encode() on the compiled librknnrt double. With a 2 x 
 input and a 1 x 3 output the double does nothing, so the time is the binding's own
 overhead (four ctypes calls, the input struct, the output copy). With a 448 x 448
 input and a 256 x 1536 output it adds the double's pass over the pixels and the
-1.5 MB output copy. A real NPU takes hundreds of milliseconds per image, so both must
-stay far below that.
+1.5 MB output copy. Both in this process and through a child process (the server's
+default, RUNTIME_ISOLATION: the image goes in and the rows come back over a socket).
+A real NPU takes hundreds of milliseconds per image, so all must stay far below that.
 
 Handoff: RKLLMRuntime.run() with 0, 1 and 4 images' rows on the librkllmrt double,
 in process and through a runtime child process: what passing the embeddings costs.
@@ -85,22 +86,36 @@ def preprocessing_table(repeats: int) -> list:
 
 
 def encoder_table(work_dir: str, calls: int) -> list:
+    """encode() on the librknnrt double: RknnEncoder in this process, and the encoder
+    in a child process (RUNTIME_ISOLATION: image in and rows out cross a socket)."""
     import numpy
+    from rkllm_api.config import Settings
+    from rkllm_api.runtimes.isolation import IsolatedRuntimes
     library = build_rknn_double(work_dir)
+    settings = Settings(rknn_lib_path=library)
+    isolated = IsolatedRuntimes()
+    openers = (("in process", lambda model: RknnEncoder(model, lib_path=library)),
+               ("child process", lambda model: isolated(model, context_length=0,
+                                                        settings=settings)))
     rows = []
     for label, header in (("2x2 in, 1x3 out (overhead only)", "h=2 w=2 c=3 out=1x3"),
                           ("448x448 in, 256x1536 out", "h=448 w=448 c=3 out=256x1536")):
         model = os.path.join(work_dir, "bench.rknn")
         with open(model, "w", encoding="ascii") as handle:
             handle.write(f"FAKE-RKNN {header} layout=NHWC type=uint8\n")
-        with RknnEncoder(model, lib_path=library) as encoder:
-            pixels = numpy.zeros(encoder.input_spec.shape, numpy.uint8)
-            count = calls if "overhead" in label else max(1, calls // 20)
-            encoder.encode(pixels)  # warm up
-            started = time.perf_counter()
-            for _ in range(count):
-                encoder.encode(pixels)
-            rows.append((label, count, (time.perf_counter() - started) / count * 1e6))
+        for where, open_encoder in openers:
+            encoder = open_encoder(model)
+            try:
+                pixels = numpy.zeros(encoder.input_spec.shape, numpy.uint8)
+                count = calls if "overhead" in label else max(1, calls // 20)
+                encoder.encode(pixels)  # warm up
+                started = time.perf_counter()
+                for _ in range(count):
+                    encoder.encode(pixels)
+                rows.append((f"{label}, {where}", count,
+                             (time.perf_counter() - started) / count * 1e6))
+            finally:
+                encoder.close()
     return rows
 
 
@@ -148,9 +163,9 @@ def main(argv=None) -> int:
     for label, fmt, size, *ms in preprocessing_table(args.repeats):
         print(f"{label:8} {fmt:6} {size:>9} " + " ".join(f"{m:14.1f}" for m in ms))
     with tempfile.TemporaryDirectory(prefix="vision-bench-") as work_dir:
-        print("\nRknnEncoder.encode() on the librknnrt double (mean per call):")
+        print("\nencode() on the librknnrt double (mean per call):")
         for label, count, us in encoder_table(work_dir, args.calls):
-            print(f"  {label:34} {count:6} calls  {us:9.1f} us/call")
+            print(f"  {label:50} {count:6} calls  {us:9.1f} us/call")
         print("\nA run with images on the librkllmrt double, 1 token (median ms):")
         for where, count, ms in handoff_table(work_dir, args.repeats):
             print(f"  {where:14} {count} images  {ms:8.2f} ms")

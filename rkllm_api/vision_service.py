@@ -75,7 +75,9 @@ class VisionService:
         self.fetch_policy = image_fetch.FetchPolicy(max_bytes=settings.image_max_bytes,
                                                     timeout=settings.image_url_timeout,
                                                     allow_private=settings.image_url_private)
-        self._encoder_factory = encoder_factory or _open_encoder
+        self._encoder_factory = encoder_factory or self._open_encoder
+        self._isolated = None                # IsolatedRuntimes, made on first use
+        self._isolation_lock = threading.Lock()
         self._encoders: dict = {}            # model id -> _Loaded
         self._lock = threading.Lock()        # guards _encoders (loading included)
         self._watcher: Optional[threading.Thread] = None
@@ -194,7 +196,11 @@ class VisionService:
         marked in use until _give_back: the idle watcher never closes it meanwhile."""
         with self._lock:
             entry = self._encoders.get(info.id)
-            if entry is None or entry.path != info.vision_encoder:   # new, or .rknn changed
+            dead = entry is not None and not getattr(entry.encoder, "alive", True)
+            if dead:   # its process crashed: the next image loads it again
+                log.warning("the vision encoder of %s died (%s): loading it again", info.id,
+                            getattr(entry.encoder, "crash", ""))
+            if entry is None or entry.path != info.vision_encoder or dead:   # new, changed
                 entry = _Loaded(info.vision_encoder, self._load(info))
                 replaced, self._encoders[info.id] = self._encoders.get(info.id), entry
                 if replaced is not None and replaced.users == 0:
@@ -256,10 +262,17 @@ class VisionService:
         for entry in encoders:
             entry.encoder.close()
 
-
-def _open_encoder(path: str, settings):
-    import rknn_ctypes  # boards without vision models never load librknnrt
-    return rknn_ctypes.RknnEncoder(path, lib_path=rknn_library(settings))
+    def _open_encoder(self, path: str, settings):
+        """The encoder of a .rknn file: in a child process of its own (librknnrt can
+        crash like librkllmrt; RUNTIME_ISOLATION), else in this process."""
+        if not settings.runtime_isolation:
+            import rknn_ctypes  # boards without vision models never load librknnrt
+            return rknn_ctypes.RknnEncoder(path, lib_path=rknn_library(settings))
+        with self._isolation_lock:
+            if self._isolated is None:
+                from rkllm_api.runtimes.isolation import IsolatedRuntimes
+                self._isolated = IsolatedRuntimes()
+        return self._isolated(path, context_length=0, settings=settings)
 
 
 def rknn_library(settings) -> str:

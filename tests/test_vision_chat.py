@@ -20,6 +20,7 @@ from PIL import Image
 
 from support.doubles import RkllmRecord
 from support.live_server import start_npu_server
+from support.processes import children_of, gunicorn_worker, running
 from support.rag_requests import eiffel_request
 from support.rknn_double import RknnRecord, make_fake_rknn_model
 
@@ -27,6 +28,7 @@ VL_MODEL = "qwen2-vl-2b"
 BROKEN_VL_MODEL = "qwen2.5-vl-broken"          # its encoder fails every run
 UNLOADABLE_VL_MODEL = "qwen2.5-vl-unloadable"  # its encoder fails to load
 WIDE_VL_MODEL = "qwen3-vl-wide"    # 4096 rows per image: one image fills the context
+CRASHING_VL_MODEL = "qwen2.5-vl-crashing"      # its encoder dies with SIGSEGV in a run
 TEXT_MODEL = "fake-npu-model"
 RED, BLUE, GREEN, GREY = (255, 0, 0), (0, 0, 255), (0, 255, 0), (128, 128, 128)
 QWEN_TAGS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>")
@@ -72,13 +74,15 @@ def add_encoders(models_root: str) -> None:
     make_fake_rknn_model(os.path.join(models_root, WIDE_VL_MODEL), h=64, w=64, out="4096x64")
     make_fake_rknn_model(os.path.join(models_root, UNLOADABLE_VL_MODEL), h=32, w=32,
                          out="16x64", fail="init")
+    make_fake_rknn_model(os.path.join(models_root, CRASHING_VL_MODEL), h=32, w=32,
+                         out="16x64", crash="run")
 
 
 def start_vision_server(live_servers, libs, rknn_lib, abi, **env):
     rknn_record = os.path.join(live_servers.tmp_dir, f"rknn-{abi}.jsonl")
     server = start_npu_server(live_servers, libs, abi=abi,
                               extra_models=(VL_MODEL, BROKEN_VL_MODEL, WIDE_VL_MODEL,
-                                            UNLOADABLE_VL_MODEL),
+                                            UNLOADABLE_VL_MODEL, CRASHING_VL_MODEL),
                               prepare_models=add_encoders, RKNN_LIB_PATH=rknn_lib, FAKE_RKNN_RECORD=rknn_record,
                               IMAGE_MAX_COUNT="3", IMAGE_MAX_BYTES=str(2 * 1024 * 1024),
                               IMAGE_URL_TIMEOUT="2", **env)
@@ -319,6 +323,27 @@ def test_an_encoder_failure_is_a_500_that_names_no_library(servers, model):
     assert response.status_code == 500
     message = response.json()["error"]["message"]
     assert "rknn" not in message.lower() and "/" not in message
+
+
+def test_an_encoder_that_crashes_ends_its_own_process_not_the_server(servers):
+    """librknnrt runs in a child process of its own (RUNTIME_ISOLATION): a SIGSEGV in
+    the encoder is a clean 500, the worker lives on, other models still see images,
+    and the next image loads the encoder again (here: mended in the meantime)."""
+    server = servers["1.3"]
+    worker = gunicorn_worker(server.proc.pid)
+    image = [owui_message("Look.", data_url(left_right(RED, BLUE)))]
+    response = chat(server, image, model=CRASHING_VL_MODEL)
+    assert response.status_code == 500
+    message = response.json()["error"]["message"]
+    assert "rknn" not in message.lower() and "/" not in message
+    assert server.rknn.last("run").get("crash") is True
+    assert gunicorn_worker(server.proc.pid) == worker       # the server's worker lives
+    assert chat(server, image).status_code == 200            # another model's encoder works
+    folder = os.path.join(os.path.dirname(server.record.path), "models", CRASHING_VL_MODEL)
+    make_fake_rknn_model(folder, h=32, w=32, out="16x64")    # the same file, mended
+    mended = chat(server, image, model=CRASHING_VL_MODEL)
+    assert mended.status_code == 200, mended.text
+    assert not [pid for pid in children_of(worker) if not running(pid)], "a zombie was left"
 
 
 # ------------------------------------------------------------------ image URLs

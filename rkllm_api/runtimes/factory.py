@@ -28,8 +28,12 @@ def open_runtime(model_path: str, *, context_length: int, settings=None,
     field a request leaves unset (librkllmrt takes them at init). image_tags: a
     vision-language model's image tags (NPU only: the encoder output feeds librkllmrt).
     base_domain_id: librkllmrt's domain, distinct for each NPU model loaded at once
-    (the CPU runtime has none). system_template: how an NPU model without its
+    (the CPU runtime has none). A `.rknn` file opens a vision encoder
+    (runtimes/encoder.py), for a child process to host. system_template: how an NPU model without its
     tokenizer takes the system prompt (models/system_templates.py)."""
+    from rkllm_api.runtimes.encoder import EncoderRuntime, is_encoder_file
+    if is_encoder_file(model_path):   # a vision model's encoder (librknnrt)
+        return EncoderRuntime(model_path, settings=settings)
     device = device_for_model_file(model_path)
     if device == "npu":
         from rkllm_ctypes import RKLLMRuntime

@@ -17,6 +17,7 @@
  *               embedding width D, the product of the others the token count T,
  *               which must be a square (g x g patches)
  *   cores       NPU cores the "board" has (default 3): core masks beyond fail
+ *   crash=run         die with SIGSEGV inside rknn_run (the encoder's process ends)
  *   fail=CALL[:CODE]  make CALL (init, set_core_mask, query, inputs_set, run,
  *               outputs_get, outputs_release, destroy) return CODE (default -1);
  *               FAKE_RKNN_FAIL="run:-3,query" does the same at call time
@@ -37,6 +38,7 @@
  * the SDK header.
  */
 #include <pthread.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -428,6 +430,10 @@ static void embed_patches(FakeModel *m) {
 
 int rknn_run(rknn_context context, void *extend) {
     FakeModel *m = lookup(context);
+    if (m != NULL && word_after(m->header, "crash=run") != NULL) {
+        record("run", 0, ", \"crash\": true");
+        raise(SIGSEGV);
+    }
     int status = (m == NULL || !m->has_image) ? -1 : scripted(m, "run");
     if (status == 0) {
         embed_patches(m);
