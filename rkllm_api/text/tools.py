@@ -21,8 +21,8 @@ import json
 import re
 import secrets
 import string
-from typing import NamedTuple, Optional
 from dataclasses import replace
+from typing import NamedTuple, Optional
 
 from rkllm_api.request import ToolSpec
 
