@@ -30,6 +30,8 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
+from rkllm_api.runtimes.encoder import RKNN_LIBRARY_FILE, rknn_library
+
 OK, INFO, WARN, ERROR = "ok", "info", "warn", "error"
 
 EM_AARCH64, ET_DYN, ELFCLASS64 = 183, 3, 2
@@ -49,7 +51,6 @@ DEVFREQ_CLASS = "/sys/class/devfreq"
 FREQUENCY_FILES = ("/proc/rknpu/freq", "/sys/kernel/debug/rknpu/freq")
 RECOMMENDED_DRIVER = (0, 9, 8)   # what the RKLLM SDK guide asks for
 OLDEST_DRIVER = (0, 9, 6)        # older drivers are reported to fail with RKLLM
-RKNN_LIBRARY_FILE = "librknnrt.so"
 # Target platforms of rkllm-toolkit, as they appear in model file and folder names.
 _PLATFORM = re.compile(r"(?<![a-z0-9])(rk3588|rk3576|rk3562|rv1126b)s?(?![0-9])", re.I)
 _SOC_COMPATIBLE = re.compile(r"^rockchip,((?:rk|rv)\d{4}[a-z]?)$")
@@ -348,11 +349,9 @@ def find_rknn_library(settings, root: str = "/") -> str:
     if chosen:   # RKNN_LIB_PATH: the file, or its folder
         candidate = os.path.join(chosen, RKNN_LIBRARY_FILE) if os.path.isdir(chosen) else chosen
         return candidate if os.path.isfile(candidate) else ""
-    configured = os.path.expanduser(settings.rkllm_lib_path or "")
-    if configured:   # installed side by side with a configured librkllmrt
-        folder = configured if os.path.isdir(configured) else os.path.dirname(configured)
-        if os.path.isfile(os.path.join(folder, RKNN_LIBRARY_FILE)):
-            return os.path.join(folder, RKNN_LIBRARY_FILE)
+    beside = rknn_library(settings)   # installed side by side with a configured librkllmrt
+    if beside:
+        return beside
     for folder in folders:
         candidate = _at(root, os.path.join(folder, RKNN_LIBRARY_FILE))
         if os.path.isfile(candidate):

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import threading
 import time
 from collections import OrderedDict
@@ -34,6 +33,7 @@ from rkllm_api import image_fetch, vision
 from rkllm_api.engine.errors import EngineError, ModelLoadFailed, QueueTimeout
 from rkllm_api.errors import RequestError
 from rkllm_api.request import ImagePart, TextPart
+from rkllm_api.runtimes import encoder
 from rkllm_api.runtimes.base import IMAGE_MARKER, ImageEmbedding
 
 log = logging.getLogger(__name__)
@@ -267,25 +267,12 @@ class VisionService:
         crash like librkllmrt; RUNTIME_ISOLATION), else in this process."""
         if not settings.runtime_isolation:
             import rknn_ctypes  # boards without vision models never load librknnrt
-            return rknn_ctypes.RknnEncoder(path, lib_path=rknn_library(settings))
+            return rknn_ctypes.RknnEncoder(path, lib_path=encoder.rknn_library(settings))
         with self._isolation_lock:
             if self._isolated is None:
                 from rkllm_api.runtimes.isolation import IsolatedRuntimes
                 self._isolated = IsolatedRuntimes()
         return self._isolated(path, context_length=0, settings=settings)
-
-
-def rknn_library(settings) -> str:
-    """RKNN_LIB_PATH, else a librknnrt.so beside a configured librkllmrt (both come
-    with the SDK), else "" (rknn_ctypes then searches the usual folders)."""
-    if settings.rknn_lib_path:
-        return settings.rknn_lib_path
-    configured = os.path.expanduser(settings.rkllm_lib_path or "")
-    if not configured:
-        return ""
-    folder = configured if os.path.isdir(configured) else os.path.dirname(configured)
-    beside = os.path.join(folder, "librknnrt.so")
-    return beside if os.path.isfile(beside) else ""
 
 
 def _bad_image(where: str, number: int, reason: str) -> RequestError:

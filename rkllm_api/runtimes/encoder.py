@@ -9,9 +9,12 @@ or tokens, so its capabilities are all off.
 """
 from __future__ import annotations
 
+import os
+
 from rkllm_api.runtimes.base import Capabilities
 
 ENCODER_FILE_SUFFIX = ".rknn"
+RKNN_LIBRARY_FILE = "librknnrt.so"
 
 
 class EncoderRuntime:
@@ -23,7 +26,6 @@ class EncoderRuntime:
 
     def __init__(self, model_path: str, settings=None):
         import rknn_ctypes   # boards without vision models never load librknnrt
-        from rkllm_api.vision_service import rknn_library
         if settings is None:
             from rkllm_api.config import Settings
             settings = Settings.from_env()
@@ -41,3 +43,16 @@ class EncoderRuntime:
 
 def is_encoder_file(path: str) -> bool:
     return path.lower().endswith(ENCODER_FILE_SUFFIX)
+
+
+def rknn_library(settings) -> str:
+    """RKNN_LIB_PATH, else a librknnrt.so beside a configured librkllmrt (both come
+    with the SDK), else "" (rknn_ctypes then searches the usual folders)."""
+    if settings.rknn_lib_path:
+        return settings.rknn_lib_path
+    configured = os.path.expanduser(settings.rkllm_lib_path or "")
+    if not configured:
+        return ""
+    folder = configured if os.path.isdir(configured) else os.path.dirname(configured)
+    beside = os.path.join(folder, RKNN_LIBRARY_FILE)
+    return beside if os.path.isfile(beside) else ""
