@@ -129,6 +129,14 @@ class ChatTemplate:
             return False
         return self.CONTENT in text
 
+    def _around_content(self, text: str):
+        """(before, after) the one CONTENT marker of a rendering; None when the
+        template wrote it any other number of times."""
+        if text.count(self.CONTENT) != 1:
+            return None
+        before, after = text.split(self.CONTENT)
+        return before, after
+
     def standalone_segments(self, system: str):
         """Template text before and after the content of a lone user turn under the
         system text `system` ("" = the template's own), thinking off, with the
@@ -140,10 +148,7 @@ class ChatTemplate:
             text = self.render(messages + [{"role": "user", "content": self.CONTENT}], False)
         except Exception:
             return None
-        if text.count(self.CONTENT) != 1:
-            return None
-        before, after = text.split(self.CONTENT)
-        return before, after
+        return self._around_content(text)
 
     def turn_segments(self, role: str, continuing: bool, enable_thinking: bool):
         """Template text before and after the content of a new turn; None when the
@@ -166,10 +171,7 @@ class ChatTemplate:
                 text = text.split(self.EARLIER_ANSWER, 1)[1]
         except Exception:
             return None
-        if text.count(self.CONTENT) != 1:
-            return None
-        before, after = text.split(self.CONTENT)
-        return before, after
+        return self._around_content(text)
 
 
 class ConversationRenderer:
