@@ -515,6 +515,27 @@ static void fill_perf(Stream *s, int prefill_tokens, long long prefill_end_us) {
     s->result.perf.memory_usage_mb = 42.0f;
 }
 
+/* Give the callback an output buffer (a hidden layer or logits, set in s->result)
+ * and record it as `call`: tokens rows of `width` values (`width_key` in the record).
+ * 1.3: a callback answering 2 releases the buffer. Without it the buffer stays
+ * allocated until the handle is destroyed (the leak of rknn-llm issue 504; 1.2 has
+ * no way to release it). The double keeps count, for the tests. 1: released. */
+static int hand_out(Stream *s, const char *call, const char *width_key, int tokens,
+                    int width) {
+    int answer = s->model->callback(&s->result, s->userdata, STATE_NORMAL);
+    int released = FAKE_ABI_MINOR >= 3 && answer == 2;
+    if (!released) s->model->unreleased_outputs++;
+    FILE *out = record_begin(call);
+    if (out) {
+        fprintf(out, ", \"num_tokens\": %d, \"%s\": %d, \"callback_return\": %d"
+                ", \"released\": %s, \"unreleased_outputs\": %d",
+                tokens, width_key, width, answer, released ? "true" : "false",
+                s->model->unreleased_outputs);
+        record_end(out);
+    }
+    return released;
+}
+
 /* The last hidden layer of the prompt: num_tokens x HIDDEN_WIDTH floats, each
  * row derived from its word so the same text always embeds the same way. */
 static void run_embedding(Stream *s, const char *prompt) {
@@ -540,20 +561,7 @@ static void run_embedding(Stream *s, const char *prompt) {
     s->result.last_hidden_layer.num_tokens = tokens;
     s->result.text = NULL;
     s->result.token_id = 0;
-    int answer = s->model->callback(&s->result, s->userdata, STATE_NORMAL);
-    /* 1.3: a callback answering 2 releases the output buffer. Without it the buffer
-     * stays allocated until the handle is destroyed (the leak of rknn-llm issue 504;
-     * 1.2 has no way to release it). The double keeps count, for the tests. */
-    int released = FAKE_ABI_MINOR >= 3 && answer == 2;
-    if (!released) s->model->unreleased_outputs++;
-    FILE *out = record_begin("hidden_layer");
-    if (out) {
-        fprintf(out, ", \"num_tokens\": %d, \"embd_size\": %d, \"callback_return\": %d"
-                ", \"released\": %s, \"unreleased_outputs\": %d",
-                tokens, HIDDEN_WIDTH, answer, released ? "true" : "false",
-                s->model->unreleased_outputs);
-        record_end(out);
-    }
+    int released = hand_out(s, "hidden_layer", "embd_size", tokens, HIDDEN_WIDTH);
     if (released) { /* what the library gave the callback is gone now */
         memset(hidden, 0, (size_t)tokens * HIDDEN_WIDTH * sizeof(float));
         s->result.last_hidden_layer.hidden_states = NULL;
@@ -595,17 +603,7 @@ static void run_logits(Stream *s, const char *prompt) {
     s->result.logits.vocab_size = LOGITS_VOCAB;
     s->result.logits.num_tokens = tokens;
     s->result.text = NULL;
-    int answer = s->model->callback(&s->result, s->userdata, STATE_NORMAL);
-    int released = FAKE_ABI_MINOR >= 3 && answer == 2;
-    if (!released) s->model->unreleased_outputs++;
-    FILE *out = record_begin("logits");
-    if (out) {
-        fprintf(out, ", \"num_tokens\": %d, \"vocab_size\": %d, \"callback_return\": %d"
-                ", \"released\": %s, \"unreleased_outputs\": %d",
-                tokens, LOGITS_VOCAB, answer, released ? "true" : "false",
-                s->model->unreleased_outputs);
-        record_end(out);
-    }
+    int released = hand_out(s, "logits", "vocab_size", tokens, LOGITS_VOCAB);
     if (released) {
         memset(logits, 0, (size_t)tokens * LOGITS_VOCAB * sizeof(float));
         s->result.logits.logits = NULL;
