@@ -12,12 +12,11 @@ import os
 
 import pytest
 
-from rkllm_api.engine.generation import GenerationJob
 from rkllm_api.runtimes.base import EventKind, RunRequest, SamplingParams
 from rkllm_api.text import clients, prompts, tools
 from rkllm_api.request import ToolFunction, ToolSpec
 from support.client_fixtures import HA, load
-from support.doubles import make_fake_rkllm_model, read_rkllm_record, start_npu_engine
+from support.doubles import chat_turn, make_fake_rkllm_model, start_npu_engine
 from support.live_server import start_npu_server
 from support.messages import typed
 from support.tokenizer_files import encode, render_chatml, write_tokenizer
@@ -162,13 +161,7 @@ def npu_tokenizer_engine(tmp_path, rkllm_double_lib, rkllm_record):
 
 
 def npu_turn(engine, messages, model="npu-t"):
-    built = prompts.PromptBuilder(engine.settings).build_chat(typed(messages),
-                                                              context_length=4096)
-    generation = engine.generate(GenerationJob(model, RunRequest(
-        prompt=built.text, keep_history=True, max_new_tokens=8), "npu", built))
-    answer = "".join(e.text for e in generation.events() if e.kind is EventKind.TEXT)
-    assert generation.commit_answer(answer)
-    return generation, answer
+    return chat_turn(engine, model, messages)
 
 
 def test_npu_token_input_equals_the_template_by_reuse_and_by_full_prefill(

@@ -10,23 +10,13 @@ from rkllm_api.engine.generation import GenerationJob
 from rkllm_api.models import system_templates
 from rkllm_api.runtimes.base import EventKind, RunRequest
 from rkllm_api.text import prompts
-from support.doubles import make_fake_rkllm_model, start_npu_engine
+from support.doubles import chat_turn, make_fake_rkllm_model, start_npu_engine
 from support.messages import typed
 from support.tokenizer_files import write_tokenizer
 
 QWEN = "qwen2.5-1.5b-instruct"
 SYSTEM = "You are the garden club's assistant. Answer in one sentence."
 OTHER_SYSTEM = "You translate everything into French."
-
-
-def chat_turn(engine, model, messages):
-    built = prompts.PromptBuilder(engine.settings).build_chat(typed(messages),
-                                                              context_length=4096)
-    generation = engine.generate(GenerationJob(model, RunRequest(
-        prompt=built.text, keep_history=True, max_new_tokens=8), "t", built))
-    answer = "".join(e.text for e in generation.events() if e.kind is EventKind.TEXT)
-    assert generation.commit_answer(answer)
-    return generation, answer
 
 
 def templates_set(record) -> list:

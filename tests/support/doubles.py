@@ -119,5 +119,20 @@ def start_npu_engine(folder, lib: str, **overrides):
     return engine
 
 
-__all__ = ["RKLLM_DOUBLE_HIDDEN_WIDTH", "make_fake_rkllm_model", "read_rkllm_record",
-           "RkllmRecord", "start_npu_engine"]
+def chat_turn(engine, model: str, messages: list, max_new_tokens: int = 8) -> tuple:
+    """One kept chat turn as the API makes it (a 4096-token prompt window), its answer
+    committed so the next turn can reuse the cache: (generation, answer)."""
+    from rkllm_api.engine.generation import GenerationJob
+    from rkllm_api.runtimes.base import EventKind, RunRequest
+    from rkllm_api.text.prompts import PromptBuilder
+    from support.messages import typed
+    built = PromptBuilder(engine.settings).build_chat(typed(messages), context_length=4096)
+    generation = engine.generate(GenerationJob(model, RunRequest(
+        prompt=built.text, keep_history=True, max_new_tokens=max_new_tokens), "turn", built))
+    answer = "".join(e.text for e in generation.events() if e.kind is EventKind.TEXT)
+    assert generation.commit_answer(answer)
+    return generation, answer
+
+
+__all__ = ["RKLLM_DOUBLE_HIDDEN_WIDTH", "chat_turn", "make_fake_rkllm_model",
+           "read_rkllm_record", "RkllmRecord", "start_npu_engine"]
