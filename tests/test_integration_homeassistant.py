@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from support.live_server import sse_data, start_cpu_server, start_npu_server
+from support.live_server import start_cpu_server, start_npu_server
 from support.client_fixtures import HA, load
 
 CHAT = "/v1/chat/completions"

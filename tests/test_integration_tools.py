@@ -10,7 +10,7 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # never fetch at 
 import openai  # noqa: E402
 import pytest  # noqa: E402
 
-from support.live_server import NPU_MODEL_ID, sse_data, start_npu_server  # noqa: E402
+from support.live_server import NPU_MODEL_ID, start_npu_server  # noqa: E402
 
 CHAT = "/v1/chat/completions"
 WEATHER = {"type": "function", "function": {
