@@ -51,9 +51,11 @@ class VisionEncoderFailed(EngineError):
 
 @dataclass
 class _Loaded:
-    """A loaded encoder, how many requests are using it, and since when it is idle."""
+    """A loaded encoder, its input (fixed once loaded: read once, not per image across
+    the process boundary), how many requests are using it, and since when it is idle."""
     path: str
     encoder: object
+    spec: object                     # rknn_ctypes input spec: size, layout, dtype
     users: int = 0
     last_used: float = field(default_factory=time.monotonic)
 
@@ -107,7 +109,7 @@ class VisionService:
         try:
             entry = self._borrow(info)
             try:
-                embeddings, parts = self._embed_all(info, entry.encoder, located)
+                embeddings, parts = self._embed_all(info, entry, located)
             finally:
                 self._give_back(info, entry)
         finally:
@@ -117,14 +119,14 @@ class VisionService:
                       for m, message in enumerate(messages))
         return VisionInput(with_markers(keyed), tuple(embeddings))
 
-    def _embed_all(self, info, encoder, located: list) -> tuple:
+    def _embed_all(self, info, entry: _Loaded, located: list) -> tuple:
         """([ImageEmbedding], {(message, part): ImagePart with its content digest})."""
         embeddings, parts = [], {}
+        spec = entry.spec
         for number, (m, p, part) in enumerate(located):
             data = self._image_bytes(part, m, number)
             digest = hashlib.sha256(data).hexdigest()[:16]
-            rows = self._rows(info, encoder, data, digest, m, number)
-            spec = encoder.input_spec
+            rows = self._rows(info, entry, data, digest, m, number)
             embeddings.append(ImageEmbedding(rows, digest, spec.width, spec.height))
             parts[(m, p)] = replace(part, content_digest=digest)
         return embeddings, parts
@@ -157,7 +159,8 @@ class VisionService:
         except image_fetch.ImageFetchError as exc:
             raise _bad_image(where, number, str(exc)) from None
 
-    def _rows(self, info, encoder, data: bytes, digest: str, message: int, number: int):
+    def _rows(self, info, entry: _Loaded, data: bytes, digest: str, message: int,
+              number: int):
         key = (info.id, digest)
         with self._cache_lock:
             rows = self._cache.get(key)
@@ -165,13 +168,13 @@ class VisionService:
                 self._cache.move_to_end(key)
                 return rows
         try:
-            pixels = vision.preprocess(data, encoder.input_spec,
+            pixels = vision.preprocess(data, entry.spec,
                                        vision.normalisation_for(info.id, info.config),
                                        number, self.limits)
         except vision.ImageError as exc:
             raise _bad_image(f"messages[{message}]", number, exc.reason) from None
         try:
-            output = encoder.encode(pixels)
+            output = entry.encoder.encode(pixels)
         except Exception as exc:  # the library's failure: a 500, the log has the detail
             log.error("vision encoder of %s failed: %s", info.id, exc)
             raise VisionEncoderFailed(f"the vision encoder of {info.id} failed") from exc
@@ -201,7 +204,7 @@ class VisionService:
                 log.warning("the vision encoder of %s died (%s): loading it again", info.id,
                             getattr(entry.encoder, "crash", ""))
             if entry is None or entry.path != info.vision_encoder or dead:   # new, changed
-                entry = _Loaded(info.vision_encoder, self._load(info))
+                entry = self._load(info)
                 replaced, self._encoders[info.id] = self._encoders.get(info.id), entry
                 if replaced is not None and replaced.users == 0:
                     replaced.encoder.close()
@@ -209,9 +212,14 @@ class VisionService:
             entry.users += 1
             return entry
 
-    def _load(self, info):
+    def _load(self, info) -> _Loaded:
         try:
-            return self._encoder_factory(info.vision_encoder, self.settings)
+            encoder = self._encoder_factory(info.vision_encoder, self.settings)
+            try:
+                return _Loaded(info.vision_encoder, encoder, encoder.input_spec)
+            except Exception:
+                encoder.close()   # its process must not outlive a failed load
+                raise
         except Exception as exc:
             log.error("loading the vision encoder of %s failed: %s", info.id, exc)
             raise ModelLoadFailed(info.id, f"vision encoder: {exc}") from exc
