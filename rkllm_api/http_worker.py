@@ -409,6 +409,12 @@ class BoundedReadWorker(ThreadWorker):
         super().murder_pending()
         now = time.monotonic()
         for conn in list(self._reading):
+            if now >= conn.reading.deadline and conn not in self._paused:
+                # Bytes the kernel already holds arrived in time, even when this loop
+                # did not get to them (a stalled process): read them before judging.
+                self._read_what_arrived(conn)
+                if conn not in self._reading:
+                    continue
             framing = conn.reading.framing
             if not self.alive and not framing.started:
                 self._drop(conn)
@@ -418,6 +424,22 @@ class BoundedReadWorker(ThreadWorker):
                                  "(REQUEST_HEADER_TIMEOUT / REQUEST_BODY_TIMEOUT)", framing)
                 else:
                     self._drop(conn)   # opened and never used: close like a keep-alive
+
+    def _read_what_arrived(self, conn) -> None:
+        for _ in range(MAX_HEAD_BYTES // 1024):   # bounded: a request is capped anyway
+            try:
+                data = conn.sock.recv(RECV_BYTES)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self._drop(conn)
+                return
+            if not data:
+                self._drop(conn)
+                return
+            self._feed(conn, data)
+            if conn not in self._reading or conn in self._paused:
+                return
 
     def wait_for_and_dispatch_events(self, timeout):
         # Wake a little more often than gthread's 1 s, so a deadline is kept closely.

@@ -30,6 +30,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 15.0
 NPU_MODEL_ID = "fake-npu-model"
+FAILURE_LOG_CHARS = 4000
+_running: list = []   # servers started and not stopped, for failure reports
 
 
 def free_port() -> int:
@@ -158,11 +160,26 @@ class LiveServers:
         os.makedirs(workdir, exist_ok=True)
         server = LiveServer(workdir, env or {})
         self.started.append(server)
+        _running.append(server)
         return server.start()
 
     def stop_all(self) -> None:
         for server in self.started:
             server.stop()
+            if server in _running:
+                _running.remove(server)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failing test's report carries the tail of every running server's log: a
+    failure seen only in CI can then be read from CI's output."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and call.when == "call":
+        for server in _running:
+            report.sections.append((f"server log {server.url} (tail)",
+                                    server.log()[-FAILURE_LOG_CHARS:]))
 
 
 @pytest.fixture(scope="module")
