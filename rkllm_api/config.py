@@ -99,6 +99,10 @@ class Settings:
     # llama.cpp ends that child, not the server. 0: in the server's process (debugging,
     # benchmarks).
     runtime_isolation: bool = field(default=True, metadata={"env": "RUNTIME_ISOLATION"})
+    # A run asked to stop (a limit, its client gone) that still has not returned this
+    # many seconds later is wedged in the runtime: its process is killed and the model
+    # loaded again, so waiting requests get the device. 0: wait for it (up to 15 min).
+    abort_kill_seconds: float = field(default=120.0, metadata={"env": "ABORT_KILL_SECONDS"})
     # NPU models kept loaded at once, each in its own librkllmrt domain (a text and a
     # vision-language model, say); 1: asking for another model switches (unloads first).
     npu_resident_models: int = field(default=1, metadata={"env": "NPU_RESIDENT_MODELS"})

@@ -321,3 +321,39 @@ def test_a_child_killed_while_idle_is_reported_and_the_model_loads_again(server)
     assert (last["how"], last["during"]) == ("killed by SIGKILL", "idle")
     assert child not in children_of(server.worker_pid)
     served_normally(server)
+
+
+def test_a_run_wedged_past_its_abort_loses_its_process_and_waiting_requests_run(
+        live_servers, rkllm_double_libs):
+    """A prefill the runtime never leaves (the double's is not abortable, like the
+    real one's): the client gets its limit error, and ABORT_KILL_SECONDS later the
+    child is killed, counted, reaped, and the request waiting behind it is served by
+    a new child; the server's worker stays."""
+    server = start_crash_server(live_servers, rkllm_double_libs["1.3"], "1.3",
+                                FIRST_TOKEN_TIMEOUT="1", ABORT_KILL_SECONDS="2")
+    served_normally(server)
+    child, runs = runtime_pid(server), len(server.record.entries("run"))
+    results = {}
+
+    def ask(name: str, prompt: str) -> None:
+        results[name] = requests.post(server.base_url + "/chat/completions",
+                                      json=chat(prompt), timeout=60)
+    wedged = threading.Thread(target=ask, args=("wedged", "@@prefill:600000@@ hello"))
+    wedged.start()
+    deadline = time.monotonic() + 10
+    while len(server.record.entries("run")) == runs:   # the wedged run is in the child
+        assert time.monotonic() < deadline, "the run never started"
+        time.sleep(0.05)
+    waiting = threading.Thread(target=ask, args=("waiting", "@@reply:after the kill@@"))
+    waiting.start()
+    for thread in (wedged, waiting):
+        thread.join(60)
+    assert results["wedged"].status_code >= 500
+    assert "no first token within 1 s" in results["wedged"].json()["error"]["message"]
+    assert results["waiting"].status_code == 200, results["waiting"].text
+    assert results["waiting"].json()["choices"][0]["message"]["content"] == "after the kill"
+    assert_gone(server, child)
+    assert runtime_pid(server) != child
+    record = crashes(server, NPU_MODEL_ID)
+    assert record["last_crash"]["how"].startswith("killed by the server")
+    assert record["last_crash"]["during"] == "a run"

@@ -28,6 +28,7 @@ CANCEL_WAIT_SECONDS = 0.2   # cancel() returns after this even if the run has no
 STOP_WAIT_SECONDS = 3.0     # the repetition guard waits this long for the run to end
 LIMIT_WAIT_SECONDS = 0.1    # a limit waits this long, then answers (the abort goes on)
 ABORT_GIVE_UP_SECONDS = 900.0  # background aborting of a run that will not stop ends here
+WEDGED_KILL_REASON = "killed by the server: still running ABORT_KILL_SECONDS after its abort"
 ABORT_REPEAT_SECONDS = 0.05  # abort() again this often: a run starting just after the
                              # first abort (runtimes reset the flag in run()) still stops
 
@@ -333,8 +334,20 @@ class Generation:
             if self._background_abort or not self._worker.is_alive():
                 return
             self._background_abort = True
-        threading.Thread(target=self.abort_and_wait, args=(ABORT_GIVE_UP_SECONDS,),
-                         daemon=True, name=f"abort-{self.request_id}").start()
+        threading.Thread(target=self._abort_or_kill, daemon=True,
+                         name=f"abort-{self.request_id}").start()
+
+    def _abort_or_kill(self) -> None:
+        """Abort until the run ends; a run wedged past ABORT_KILL_SECONDS in a child
+        process loses the process (the engine reloads the model as after a crash)."""
+        kill_after = self._settings.abort_kill_seconds
+        kill = getattr(self._runtime, "kill_wedged", None)
+        if kill is None or kill_after <= 0:
+            self.abort_and_wait(ABORT_GIVE_UP_SECONDS)
+            return
+        if not self.abort_and_wait(kill_after):
+            kill(WEDGED_KILL_REASON)
+            self.abort_and_wait(ABORT_GIVE_UP_SECONDS)
 
     def _final_event(self, event: TokenEvent) -> TokenEvent:
         """The runtime's FINISH/ERROR, unless shutdown aborted the run: then an ERROR.

@@ -167,6 +167,7 @@ class ChildRuntime:
         self._send_lock = threading.Lock()   # abort() sends while run() waits
         self._call_lock = threading.Lock()   # one request/answer at a time
         self.crash: Optional[str] = None     # how the child died, once it did
+        self._killed_because: Optional[str] = None   # kill_wedged's reason
         self.crash_during: str = ""
         self.closed = False
         self.pid = self._process.pid
@@ -353,13 +354,21 @@ class ChildRuntime:
             raise RuntimeCrashed(self.crash, self.crash_during)
 
     # ---- the process ----
+    def kill_wedged(self, reason: str) -> None:
+        """End the child now: its runtime is in a call that abort does not end. The
+        run's reader sees the death and reports it like a crash (`reason` is its how)."""
+        if self.alive and not self.exited():
+            self._killed_because = reason
+            log.error("killing runtime process %d: %s", self.pid, reason)
+            self._process.kill()
+
     def exited(self) -> bool:
         return self._process.poll() is not None
 
     def note_death(self, during: str) -> None:
         if self.crash is None:
             self._reap(REAP_WAIT_SECONDS)
-            self.crash = describe_exit(self._process.returncode)
+            self.crash = self._killed_because or describe_exit(self._process.returncode)
             self.crash_during = during
             log.error("the runtime process %d died during %s: %s", self.pid, during,
                       self.crash)
