@@ -26,6 +26,8 @@ CHECKOUT="$(cd "$(dirname "$0")" && pwd)"
 PYTHON="${PYTHON:-python3}"
 SERVICE_USER=rkllm-api
 ENV_FILE=/etc/rkllm-api/rkllm-api.env
+KEYS_FILE=/etc/rkllm-api/keys
+WEBUI_ENV_FILE=/etc/rkllm-api/open-webui.env
 UNIT_DIR=/etc/systemd/system
 STATE_DIR=/var/lib/rkllm-api
 CACHE_DIR=/var/cache/rkllm-api
@@ -342,12 +344,47 @@ ensure_env_file() {
         warn_models_root_differs "$dest"
         return 1
     fi
+    ensure_keys_file
     run_py -m rkllm_api.envfile --set RKLLM_API_HOST=0.0.0.0 \
         --set "RKLLM_MODELS_ROOT=$MODELS_ROOT" --set "KV_CACHE_DIR=$CACHE_DIR" \
-        --set RKLLM_API_LOG_FILE= > "$WORK/env"
+        --set RKLLM_API_LOG_FILE= --set "RKLLM_API_KEYS_FILE=$KEYS_FILE" > "$WORK/env"
     install -D -m 0644 "$WORK/env" "$dest"
     say "env file $ENV_FILE: written (every setting, defaults commented out)"
 }
+
+# The service listens on the network, so it starts with API keys, made here: one admin
+# key (the owner's) and one for Open WebUI, which the compose file reads from a second
+# env file. Both files are readable by root (and the keys file by the service) only;
+# kept files are the administrator's.
+ensure_keys_file() {
+    local dest webui owner_key webui_key
+    dest="$(sys "$KEYS_FILE")" webui="$(sys "$WEBUI_ENV_FILE")"
+    if [ -e "$dest" ]; then
+        say "API keys $KEYS_FILE: kept as it is"
+        return
+    fi
+    owner_key="$(new_key)" webui_key="$(new_key)"
+    {
+        echo "# rkllm-api API keys, one per line: KEY [NAME] [admin] (README, \"Security\")."
+        echo "# Clients send one as \"Authorization: Bearer KEY\"; an admin key also manages models."
+        echo "# Home Assistant's Ollama integration sends none: put its address in KEYLESS_CLIENTS"
+        echo "# in $ENV_FILE instead. Restart the service after a change."
+        echo "$owner_key owner admin"
+        echo "$webui_key open-webui"
+    } > "$WORK/keys"
+    install -D -m 0640 "$WORK/keys" "$dest"
+    on_real_system && chgrp "$SERVICE_USER" "$dest"
+    say "API keys $KEYS_FILE: written, an admin key and Open WebUI's (sudo cat $KEYS_FILE shows them)"
+    {
+        echo "# Open WebUI's key for rkllm-api (the line \"open-webui\" of $KEYS_FILE):"
+        echo "#   docker compose --env-file $ENV_FILE --env-file $WEBUI_ENV_FILE up -d"
+        echo "OPEN_WEBUI_API_KEY=$webui_key"
+    } > "$WORK/webui"
+    install -D -m 0600 "$WORK/webui" "$webui"
+    say "env file $WEBUI_ENV_FILE: written (Open WebUI's key, for docker compose)"
+}
+
+new_key() { run_py -c 'import secrets; print("rk-" + secrets.token_urlsafe(32))'; }
 
 # A kept env file may name other models than the folder the unit lets the service write.
 warn_models_root_differs() {
@@ -459,7 +496,7 @@ uninstall() {
     systemd_running && systemctl daemon-reload
     remove_env_file
     remove_user
-    say "kept: models, $STATE_DIR, $CACHE_DIR and the runtime libraries in /usr/lib"
+    say "kept: models, $STATE_DIR, $CACHE_DIR, the API keys in $KEYS_FILE and $WEBUI_ENV_FILE (clients use them) and the runtime libraries in /usr/lib"
 }
 
 # ------------------------------------------------------------------ main

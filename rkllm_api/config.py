@@ -171,6 +171,9 @@ class Settings:
     # Keys that may also manage the server: model select, unload, pull and delete, named
     # cache create and delete.
     admin_keys: str = field(default="", metadata={"env": "RKLLM_ADMIN_KEYS"})
+    # Client addresses that need no key (IPs or networks, comma-separated: a Home
+    # Assistant whose Ollama integration cannot send one); never admin.
+    keyless_clients: str = field(default="", metadata={"env": "KEYLESS_CLIENTS"})
     # Browser origins allowed to call the API ("http://host:port", comma-separated).
     cors_origins: str = field(default="", metadata={"env": "CORS_ORIGINS"})
     # /metrics without a key even when keys are set.

@@ -16,6 +16,10 @@ anything:
   configured key, so the time taken does not tell which key or how much of it
   matched. Routes marked with `admin_only` (model select/unload, cache create/delete)
   need an admin key.
+* Keyless clients (KEYLESS_CLIENTS): a request without a key from a listed address or
+  network (the TCP peer's, never a forwarding header) passes as a non-admin key named
+  `keyless@<address>`: for clients that cannot send a key, such as Home Assistant's
+  Ollama integration. A wrong key is still refused.
 
 Refusals are RequestErrors, so api.py's one error table renders them in the format
 of the surface the path belongs to. The name of the key that was used (never the
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import logging
 import re
 from dataclasses import dataclass
@@ -226,18 +231,53 @@ def _port(parts) -> Optional[int]:
 # the gate
 
 
+class KeylessClients:
+    """Addresses whose requests need no key (KEYLESS_CLIENTS). Judged by the TCP peer's
+    address only: a forwarding header is the client's word and is never read."""
+
+    def __init__(self, networks: tuple = ()):
+        self.networks = tuple(networks)
+
+    @classmethod
+    def from_settings(cls, settings) -> "KeylessClients":
+        networks = []
+        for word in (w.strip() for w in settings.keyless_clients.split(",")):
+            if not word:
+                continue
+            try:
+                networks.append(ipaddress.ip_network(word, strict=False))
+            except ValueError:
+                raise SecurityConfigError(
+                    f"KEYLESS_CLIENTS: {word!r} is not an IP address or network "
+                    f"(such as 192.168.1.20 or 192.168.1.0/24)") from None
+        return cls(tuple(networks))
+
+    def admits(self, address: Optional[str]) -> bool:
+        if not self.networks or not address:
+            return False
+        try:
+            ip = ipaddress.ip_address(address.split("%", 1)[0])
+        except ValueError:
+            return False
+        if getattr(ip, "ipv4_mapped", None) is not None:   # ::ffff:a.b.c.d on a v6 socket
+            ip = ip.ipv4_mapped
+        return any(ip.version == net.version and ip in net for net in self.networks)
+
+
 class Gate:
     """The before_request check of every route."""
 
-    def __init__(self, keys: KeyRing, origins: OriginPolicy, metrics_public: bool = False):
+    def __init__(self, keys: KeyRing, origins: OriginPolicy, metrics_public: bool = False,
+                 keyless: Optional[KeylessClients] = None):
         self.keys = keys
         self.origins = origins
         self.metrics_public = metrics_public
+        self.keyless = keyless or KeylessClients()
 
     @classmethod
     def from_settings(cls, settings) -> "Gate":
         return cls(KeyRing.from_settings(settings), OriginPolicy.from_settings(settings),
-                   settings.metrics_public)
+                   settings.metrics_public, KeylessClients.from_settings(settings))
 
     def check(self) -> None:
         if request.method == "OPTIONS":
@@ -252,6 +292,8 @@ class Gate:
             return
         presented = presented_key(request.headers)
         key = self.keys.match(presented) if presented else None
+        if key is None and presented is None and self.keyless.admits(request.remote_addr):
+            key = ApiKey(f"keyless@{request.remote_addr}", False, b"")
         if key is None:
             raise _unauthorized(presented is not None)
         request.environ[KEY_NAME_ENVIRON] = key.name
@@ -286,6 +328,11 @@ def install(app, gate: Gate) -> Gate:
     if gate.keys.enabled:
         log.info("API keys on: %d key(s), %d admin", len(gate.keys.keys),
                  sum(k.admin for k in gate.keys.keys))
+        if gate.keyless.networks:
+            log.info("no key needed from %s (KEYLESS_CLIENTS; never admin)",
+                     ", ".join(map(str, gate.keyless.networks)))
     else:
         log.info("API keys off: every client that reaches the port may use the API")
+        if gate.keyless.networks:
+            log.warning("KEYLESS_CLIENTS has no effect while no API keys are set")
     return gate

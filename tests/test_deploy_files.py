@@ -59,33 +59,44 @@ def test_openai_base_url_points_at_the_server_on_the_host(compose, webui_env):
     assert interpolate(webui_env["OPENAI_API_KEY"], {})   # Open WebUI needs a non-empty key
 
 
-def service_env_file(tmp_path) -> dict:
-    """The variables of the env file `setup.sh --service` writes (run against a
-    temporary root, as tests/test_setup.py does)."""
+def service_env_files(tmp_path) -> tuple:
+    """The variables docker compose gets from the env files `setup.sh --service` writes
+    (run against a temporary root, as tests/test_setup.py does), a later file winning,
+    as compose reads them; and the root."""
     root = tmp_path / "root"
     env = {k: v for k, v in os.environ.items() if k != "SUDO_USER"}
     done = subprocess.run(["bash", os.path.join(ROOT, "setup.sh"), "--root", str(root),
                            "--skip-venv", "--service"], capture_output=True, text=True,
                           timeout=120, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
-    with open(root / "etc/rkllm-api/rkllm-api.env", encoding="utf-8") as handle:
-        return envfile.parse(handle.read())
+    variables = {}
+    for name in ("rkllm-api.env", "open-webui.env"):
+        with open(root / "etc/rkllm-api" / name, encoding="utf-8") as handle:
+            variables.update(envfile.parse(handle.read()))
+    return variables, root
 
 
-def test_open_webui_reaches_the_service_its_env_file_describes(webui_env, tmp_path):
-    """`docker compose --env-file /etc/rkllm-api/rkllm-api.env up`: the URL, port and key
-    Open WebUI gets agree with the settings the service runs with."""
+def test_open_webui_reaches_the_service_its_env_files_describe(webui_env, tmp_path):
+    """`docker compose --env-file /etc/rkllm-api/rkllm-api.env --env-file
+    /etc/rkllm-api/open-webui.env up`: the URL, port and key Open WebUI gets agree with
+    the settings the service runs with."""
     from rkllm_api.security import KeyRing
-    variables = service_env_file(tmp_path)
+    variables, root = service_env_files(tmp_path)
+    # the service's keys file, at its place in the temporary root
+    variables["RKLLM_API_KEYS_FILE"] = str(root) + variables["RKLLM_API_KEYS_FILE"]
     settings = Settings.from_env(variables)
     # the container comes in through the Docker bridge, never the host's loopback
     assert settings.host == "0.0.0.0"
     url = urlsplit(interpolate(webui_env["OPENAI_API_BASE_URL"], variables))
     assert (url.hostname, url.port) == ("host.docker.internal", settings.port)
-    assert not KeyRing.from_settings(settings).enabled
-    assert interpolate(webui_env["OPENAI_API_KEY"], variables)     # any key is taken
-    # the administrator moves the port and sets a key in the env file
-    edited = {**variables, "RKLLM_API_PORT": "9001", "RKLLM_API_KEYS": "sk-board-0123456789"}
+    keys = KeyRing.from_settings(settings)
+    assert keys.enabled                                   # never open to the LAN
+    webui_key = keys.match(interpolate(webui_env["OPENAI_API_KEY"], variables))
+    assert webui_key is not None and webui_key.name == "open-webui" and not webui_key.admin
+    # the administrator moves the port and sets the keys in the env file instead
+    edited = {k: v for k, v in variables.items()
+              if k not in ("OPEN_WEBUI_API_KEY", "RKLLM_API_KEYS_FILE")}
+    edited.update({"RKLLM_API_PORT": "9001", "RKLLM_API_KEYS": "sk-board-0123456789"})
     settings = Settings.from_env(edited)
     assert urlsplit(interpolate(webui_env["OPENAI_API_BASE_URL"], edited)).port == 9001
     keys = KeyRing.from_settings(settings)
@@ -95,6 +106,10 @@ def test_open_webui_reaches_the_service_its_env_file_describes(webui_env, tmp_pa
                "OPEN_WEBUI_API_KEY": "sk-webui-0123456789"}
     keys = KeyRing.from_settings(Settings.from_env(several))
     assert keys.match(interpolate(webui_env["OPENAI_API_KEY"], several)) is not None
+    # no keys at all (a server run by hand without them): any key is taken
+    bare = {k: v for k, v in edited.items() if k != "RKLLM_API_KEYS"}
+    assert not KeyRing.from_settings(Settings.from_env(bare)).enabled
+    assert interpolate(webui_env["OPENAI_API_KEY"], bare)
 
 
 def test_searxng_url_matches_the_searxng_service(compose, webui_env):

@@ -10,8 +10,8 @@ import pytest
 import requests
 
 from rkllm_api.config import Settings
-from rkllm_api.security import (Gate, KeyRing, OriginPolicy, SecurityConfigError,
-                                parse_keys_file, presented_key)
+from rkllm_api.security import (Gate, KeylessClients, KeyRing, OriginPolicy,
+                                SecurityConfigError, parse_keys_file, presented_key)
 from support.client_fixtures import HA, load
 from support.live_server import NPU_MODEL_ID, start_npu_server
 from support.openai_types import validate_openai_payload
@@ -32,6 +32,7 @@ def bearer(key):
 def server(live_servers, rkllm_double_libs):
     return start_npu_server(live_servers, rkllm_double_libs, RKLLM_API_KEYS=USER_KEY,
                             RKLLM_ADMIN_KEYS=ADMIN_KEY, CORS_ORIGINS=ALLOWED,
+                            KEYLESS_CLIENTS="10.0.0.0/8, fd00::/8",   # not this client
                             KV_CACHE_DIR=live_servers.tmp_dir + "/kv-keys")
 
 
@@ -172,6 +173,29 @@ def test_metrics_open_only_when_configured(live_servers, rkllm_double_libs):
     error_of(server.get("/v1/models"), 401, "invalid_api_key")
 
 
+def test_keyless_clients_use_the_api_without_a_key_but_never_manage_it(
+        live_servers, rkllm_double_libs):
+    """Home Assistant's Ollama integration sends no key: its address may be listed."""
+    server = start_npu_server(live_servers, rkllm_double_libs, RKLLM_API_KEYS=USER_KEY,
+                              RKLLM_ADMIN_KEYS=ADMIN_KEY, KEYLESS_CLIENTS="127.0.0.1")
+    answer = ollama.Client(host=server.url).chat(model=NPU_MODEL_ID,
+                                                 messages=HELLO["messages"])
+    assert answer.message.content
+    assert server.post(CHAT, json=HELLO).status_code == 200
+    error_of(server.post("/v1/models/unload"), 403, "admin_key_required")
+    error_of(server.get("/v1/models", headers=bearer("wrong-guess-000000")), 401,
+             "invalid_api_key")                      # a wrong key stays wrong
+    assert server.post("/v1/models/unload", headers=bearer(ADMIN_KEY)).status_code == 200
+    assert "key=keyless@127.0.0.1" in server.log()
+
+
+def test_a_forwarding_header_does_not_make_a_client_keyless(server):
+    for header in ("X-Forwarded-For", "X-Real-IP", "Forwarded"):
+        value = "for=10.1.2.3" if header == "Forwarded" else "10.1.2.3"
+        error_of(server.post(CHAT, json=HELLO, headers={header: value}), 401,
+                 "invalid_api_key")
+
+
 # ---- origins ----------------------------------------------------------------------
 
 def preflight(server, origin):
@@ -245,10 +269,23 @@ def test_key_ring_matches_whole_keys_only_and_keeps_the_stronger_role():
                                     {"api_keys_file": "/nonexistent/keys"},
                                     {"cors_origins": "evil.example"},
                                     {"cors_origins": "http://ok.example/path"},
-                                    {"cors_origins": "null"}])
+                                    {"cors_origins": "null"},
+                                    {"keyless_clients": "homeassistant.local"},
+                                    {"keyless_clients": "192.168.1.0/33"}])
 def test_unusable_settings_refuse_to_start(values):
     with pytest.raises(SecurityConfigError):
         Gate.from_settings(settings(**values))
+
+
+def test_keyless_addresses_and_networks():
+    keyless = KeylessClients.from_settings(settings(
+        keyless_clients="192.168.1.20, 10.0.0.0/8 ,fd00::/8,"))
+    for address in ("192.168.1.20", "10.200.3.4", "::ffff:192.168.1.20", "fd12::1",
+                    "fd12::1%eth0"):
+        assert keyless.admits(address), address
+    for address in ("192.168.1.21", "127.0.0.1", "::1", "fe80::1", "", None, "garbage"):
+        assert not keyless.admits(address), address
+    assert not KeylessClients.from_settings(settings()).admits("127.0.0.1")
 
 
 def test_presented_key_sources():

@@ -17,6 +17,7 @@ import pytest
 from rkllm_api import envfile
 from rkllm_api.config import Settings
 from rkllm_api.gunicorn_settings import options as gunicorn_options
+from rkllm_api.security import KeyRing, parse_keys_file
 
 CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETUP = os.path.join(CHECKOUT, "setup.sh")
@@ -24,6 +25,8 @@ GOVERNOR_SCRIPT = os.path.join(CHECKOUT, "deploy", "rkllm-api-governor.sh")
 UNIT = "etc/systemd/system/rkllm-api.service"
 GOVERNOR_UNIT = "etc/systemd/system/rkllm-api-governor.service"
 ENV_FILE = "etc/rkllm-api/rkllm-api.env"
+KEYS_FILE = "etc/rkllm-api/keys"
+WEBUI_ENV_FILE = "etc/rkllm-api/open-webui.env"
 MODELS = "var/lib/rkllm-api/models"
 TIMEOUT = 120
 
@@ -206,7 +209,40 @@ def test_env_file_lists_every_setting_with_its_default(board):
     assert active.models_root == "/" + MODELS
     assert active.kv_cache_dir == "/var/cache/rkllm-api"
     assert active.log_file == ""          # journald only
+    assert active.api_keys_file == "/" + KEYS_FILE
     assert envfile.is_pristine(text)
+
+
+def test_the_service_starts_with_keys_only_it_and_root_read(board):
+    """The service listens on 0.0.0.0: it must not start open to the LAN. An admin key
+    for the owner, one for Open WebUI (also in the env file docker compose reads)."""
+    full_install(board)
+    path, webui = board["root"] / KEYS_FILE, board["root"] / WEBUI_ENV_FILE
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    assert stat.S_IMODE(webui.stat().st_mode) == 0o600
+    keys = parse_keys_file(path.read_text())
+    assert [(name, admin) for _, name, admin in keys] == [("owner", True), ("open-webui", False)]
+    assert all(len(key) >= 32 for key, _, _ in keys) and keys[0][0] != keys[1][0]
+    assert envfile.parse(webui.read_text()) == {"OPEN_WEBUI_API_KEY": keys[1][0]}
+    text = read(board["root"], ENV_FILE)
+    settings = Settings.from_env({**envfile.parse(text),
+                                  "RKLLM_API_KEYS_FILE": str(path)})   # the tree's path
+    ring = KeyRing.from_settings(settings)
+    assert ring.enabled and ring.match(keys[0][0]).admin and not ring.match(keys[1][0]).admin
+    assert ring.match("wrong-key-0123456789") is None
+    other = tmp_root_install(board)
+    assert parse_keys_file((other / KEYS_FILE).read_text())[0][0] != keys[0][0]   # made here
+    full_install(board)
+    assert parse_keys_file(path.read_text()) == keys                  # kept, not remade
+    run_setup(board["root"], "--uninstall")
+    assert parse_keys_file(path.read_text()) == keys                  # clients still use them
+    assert webui.exists()
+
+
+def tmp_root_install(board):
+    root = board["root"].parent / "other-root"
+    run_setup(root, "--service")
+    return root
 
 
 def test_env_file_descriptions_come_from_config(board):
