@@ -311,17 +311,23 @@ class BoundedReadWorker(ThreadWorker):
         self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_readable, conn))
 
     def _on_readable(self, conn, _sock) -> None:
+        self._receive(conn)
+
+    def _receive(self, conn) -> bool:
+        """One non-blocking read, fed to the framing; False when nothing was there
+        (or the connection is gone)."""
         try:
             data = conn.sock.recv(RECV_BYTES)
         except (BlockingIOError, InterruptedError):
-            return
+            return False
         except OSError:
             self._drop(conn)
-            return
+            return False
         if not data:   # the client closed: nothing to answer
             self._drop(conn)
-            return
+            return False
         self._feed(conn, data)
+        return True
 
     def _feed(self, conn, data: bytes) -> None:
         state = conn.reading
@@ -427,18 +433,7 @@ class BoundedReadWorker(ThreadWorker):
 
     def _read_what_arrived(self, conn) -> None:
         for _ in range(MAX_HEAD_BYTES // 1024):   # bounded: a request is capped anyway
-            try:
-                data = conn.sock.recv(RECV_BYTES)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                self._drop(conn)
-                return
-            if not data:
-                self._drop(conn)
-                return
-            self._feed(conn, data)
-            if conn not in self._reading or conn in self._paused:
+            if not self._receive(conn) or conn not in self._reading or conn in self._paused:
                 return
 
     def wait_for_and_dispatch_events(self, timeout):
