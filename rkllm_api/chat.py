@@ -33,7 +33,7 @@ from rkllm_api.runtimes.base import IMAGE_MARKER, RunRequest
 from rkllm_api.structured import answer as structured_answer
 from rkllm_api.structured import schema as structured_schema
 from rkllm_api.text import clients, prompts, thinking, tools
-from rkllm_api.vision_service import VisionService, routing_target
+from rkllm_api.vision_service import VisionService, check_image_roles, routing_target
 
 SERVER_VERSION = "0.1.0"
 UNAPPLIED_SAMPLING_HEADER = "X-RKLLM-Sampling-Unapplied"
@@ -286,6 +286,7 @@ class ChatService:
     def _route_images(self, req: ChatRequest, info):
         """A request with images for a model without vision: the vision model that
         answers instead (VL_ROUTING), or a 400 naming the model and the message."""
+        check_image_roles(req.messages)
         if "vision" in info.capabilities:
             return None
         index = next((i for i, m in enumerate(req.messages) if m.images), None)

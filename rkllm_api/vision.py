@@ -121,7 +121,7 @@ def open_image(data: bytes, index: int = 0, limits: ImageLimits = ImageLimits(),
     draft_size (width, height): the smallest size the caller will need; JPEG then
     decodes at 1/2, 1/4 or 1/8 scale when that still covers it, which makes a 12 MP
     photo several times cheaper to read."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError
     try:
         image = Image.open(io.BytesIO(data), formats=FORMATS)
     except UnidentifiedImageError:
@@ -138,14 +138,21 @@ def open_image(data: bytes, index: int = 0, limits: ImageLimits = ImageLimits(),
         if draft_size and image.format == "JPEG":
             image.draft("RGB", _draft_request(image.size, draft_size))
         image.load()  # the first frame of a GIF or animated WebP
-        if image.getexif().get(_EXIF_ORIENTATION, 1) != 1:  # else no need for a copy
-            image = ImageOps.exif_transpose(image)
+        orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+        turn = _ORIENTATION_TRANSPOSE.get(orientation) if isinstance(orientation, int) else None
+        if turn is not None:
+            # Not ImageOps.exif_transpose: it writes the EXIF block back out, and a
+            # hostile block that parsed fails there (struct.error, TypeError: a 500)
+            image = image.transpose(getattr(Image.Transpose, turn))
         return _to_rgb(image)
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
         raise ImageError(index, f"truncated or corrupt {image.format} data ({exc})") from None
 
 
 _EXIF_ORIENTATION = 0x0112
+# EXIF orientation -> the transpose that makes the picture upright (1: as stored)
+_ORIENTATION_TRANSPOSE = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM",
+                          5: "TRANSPOSE", 6: "ROTATE_270", 7: "TRANSVERSE", 8: "ROTATE_90"}
 
 
 def _draft_request(size: tuple, target: tuple) -> tuple:

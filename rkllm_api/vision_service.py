@@ -288,6 +288,17 @@ def _bad_image(where: str, number: int, reason: str) -> RequestError:
                         code="invalid_image")
 
 
+def check_image_roles(messages: tuple) -> None:
+    """Images are what users show (prepare() reads only theirs, with_markers marks only
+    theirs): an image in a system, assistant or tool message would be dropped without
+    a word, so it is a 400, as OpenAI answers it."""
+    for index, message in enumerate(messages):
+        if message.role != "user" and message.images:
+            raise RequestError(f"messages[{index}]: images are taken in user messages only, "
+                               f"not in {message.role} messages",
+                               param=f"messages[{index}].content", code="invalid_image")
+
+
 def with_markers(messages: tuple) -> tuple:
     """Each user message with one IMAGE_MARKER per image before its text; literal
     markers removed from every message's text (they would misplace the rows)."""

@@ -106,6 +106,10 @@ def test_each_format_decodes_to_upright_rgb(fmt, tolerance):
     (3, WHITE, (40, 20)),  # turned 180 degrees
     (6, BLUE, (20, 40)),   # the camera was turned right: rotate 90 clockwise
     (8, GREEN, (20, 40)),  # turned left: rotate 90 counter-clockwise
+    (2, GREEN, (40, 20)),  # mirrored left to right
+    (4, BLUE, (40, 20)),   # mirrored top to bottom
+    (5, RED, (20, 40)),    # mirrored along the main diagonal
+    (7, WHITE, (20, 40)),  # mirrored along the other diagonal
 ])
 def test_exif_orientation_is_applied(orientation, top_left, size):
     exif = Image.Exif()
@@ -114,6 +118,17 @@ def test_exif_orientation_is_applied(orientation, top_left, size):
     image = v.open_image(data)
     assert image.size == size
     assert close_to(image.getpixel((3, 3)), top_left, 8)
+
+
+def test_a_malformed_exif_block_still_gives_the_upright_image():
+    """Orientation 6 beside a known tag stored with the wrong type (XResolution as
+    text): Pillow parses the block but cannot write it back, which its
+    exif_transpose does (a TypeError, a 500); the orientation must still apply."""
+    entries = (struct.pack("<HHIHH", 0x0112, 3, 1, 6, 0)            # Orientation: SHORT 6
+               + struct.pack("<HHI", 0x011A, 2, 4) + b"abc\0")     # XResolution: ASCII
+    block = b"Exif\0\0II*\0" + struct.pack("<IH", 8, 2) + entries + b"\0" * 4
+    image = v.open_image(encode(quadrants(40, 20), "JPEG", quality=95, exif=block))
+    assert image.size == (20, 40) and close_to(image.getpixel((3, 3)), BLUE, 8)
 
 
 def test_a_gif_gives_its_first_frame():
@@ -133,6 +148,35 @@ def test_transparency_is_flattened_onto_white():
     gif = v.open_image(encode(rgba.convert("P", palette=Image.Palette.ADAPTIVE), "GIF",
                               transparency=0))
     assert gif.mode == "RGB"
+
+
+def test_other_modes_and_an_animated_webp_decode_to_rgb():
+    """CMYK JPEG, greyscale with alpha, a palette PNG with a transparent index and an
+    animated WebP (its first frame): what phones, editors and chat apps send."""
+    cmyk = v.open_image(encode(Image.new("RGB", (8, 8), RED).convert("CMYK"), "JPEG"))
+    assert close_to(cmyk.getpixel((4, 4)), RED, 8)
+    la = Image.new("LA", (8, 8), (0, 255))
+    la.paste((0, 0), (4, 0, 8, 8))
+    la = v.open_image(encode(la, "PNG"))
+    assert la.getpixel((1, 4)) == (0, 0, 0) and la.getpixel((6, 4)) == WHITE
+    palette = Image.new("P", (8, 8), 0)
+    palette.putpalette(list(RED) + list(BLUE))
+    palette.paste(1, (4, 0, 8, 8))
+    palette = v.open_image(encode(palette, "PNG", transparency=1))
+    assert palette.getpixel((1, 4)) == RED and palette.getpixel((6, 4)) == WHITE
+    out = io.BytesIO()
+    Image.new("RGB", (8, 8), GREEN).save(out, "WEBP", save_all=True, lossless=True,
+                                         append_images=[Image.new("RGB", (8, 8), BLUE)])
+    assert close_to(v.open_image(out.getvalue()).getpixel((4, 4)), GREEN, 2)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (1, 20000), (20000, 1)])
+def test_extreme_sizes_still_fill_the_encoder(size):
+    pixels = v.preprocess(encode(Image.new("RGB", size, RED), "PNG"), v.EncoderInput(32, 32))
+    assert pixels.shape == (1, 32, 32, 3)
+    assert (pixels[0] == RED).all(axis=-1).any()          # the content is there
+    if size != (1, 1):
+        assert (pixels[0] == GREY).all(axis=-1).any()     # padded, not stretched
 
 
 def test_sixteen_bit_greyscale_keeps_its_shades():

@@ -12,6 +12,8 @@ from __future__ import annotations
 import base64
 import io
 import os
+import shutil
+import subprocess
 
 import ollama
 import openai
@@ -19,7 +21,7 @@ import pytest
 from PIL import Image
 
 from support.doubles import RkllmRecord
-from support.live_server import start_npu_server
+from support.live_server import free_port, start_npu_server
 from support.processes import children_of, gunicorn_worker, running
 from support.rag_requests import eiffel_request
 from support.rknn_double import RknnRecord, make_fake_rknn_model
@@ -249,6 +251,30 @@ def test_without_routing_images_for_a_text_model_are_a_400_naming_it(servers):
     assert error["param"] == "messages[2].content"
 
 
+@pytest.mark.parametrize("role", ["system", "assistant"])
+@pytest.mark.parametrize("model", [VL_MODEL, TEXT_MODEL])
+def test_an_image_outside_a_user_message_is_a_400_not_dropped(servers, role, model):
+    """Only user messages' images reach the model: one in a system or assistant
+    message was dropped without a word (and still routed a text model's request to
+    the vision model); as at OpenAI, it is a 400 naming the message."""
+    server = servers["1.3"]
+    image = {"type": "image_url", "image_url": {"url": data_url(left_right(RED, BLUE))}}
+    messages = [{"role": "user", "content": "hi"},
+                {"role": role, "content": [{"type": "text", "text": "Look."}, image]},
+                {"role": "user", "content": "What did you see?"}]
+    response = chat(server, messages, model=model)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "messages[1].content" and error["code"] == "invalid_image"
+    assert f"not in {role} messages" in error["message"]
+    ollama_reply = server.post("/api/chat", json={"model": model, "stream": False, "messages": [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "Look.", "images": [base64.b64encode(
+            left_right(RED, BLUE)).decode()]}]})
+    assert ollama_reply.status_code == 400
+    assert "not in assistant messages" in ollama_reply.json()["error"]
+
+
 # ---------------------------------------------------------- bad images, limits
 
 
@@ -373,6 +399,46 @@ def test_a_url_that_fails_is_a_400_saying_why(servers, image_server, path, reaso
     assert reason in response.json()["error"]["message"]
 
 
+def test_a_server_trickling_its_headers_is_cut_off_at_the_time_limit(servers, image_server):
+    """IMAGE_URL_TIMEOUT bounds the whole fetch, not each read: a server sending its
+    status line and headers a byte at a time (each byte well within a read timeout)
+    is cut off after 2 s, not served for as long as it keeps trickling."""
+    server = servers["1.3"]
+    response = chat(server, [owui_message("What is it?", image_server.url + "/slow-headers")])
+    assert response.status_code == 400, response.text
+    assert "took longer than 2 s (IMAGE_URL_TIMEOUT)" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("url, reason", [
+    ("http://[::1/cat.png", "is not a valid URL"),
+    ("{image_server}/bad-redirect", "redirects to an invalid URL"),
+    ("http://127.0.0.1:{closed_port}/cat.png", "cannot connect to http://127.0.0.1:"),
+], ids=["unclosed-ipv6", "bad-redirect", "refused"])
+def test_an_unusable_url_is_a_400_saying_why(servers, image_server, url, reason):
+    """An unparseable URL (or redirect target) was a 500; a refused connection was
+    reported as a timeout."""
+    url = url.format(image_server=image_server.url, closed_port=free_port())
+    response = chat(servers["1.3"], [owui_message("What is it?", url)])
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid_image" and reason in error["message"]
+
+
+def test_an_https_url_with_a_self_signed_certificate_is_a_400(servers, image_server, tmp_path):
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a certificate")
+    cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-keyout", key, "-out", cert, "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=60)
+    image_server.files["/tls.png"] = left_right(RED, BLUE)
+    response = chat(servers["1.3"], [owui_message(
+        "What is it?", image_server.start_https(cert, key) + "/tls.png")])
+    assert response.status_code == 400, response.text
+    assert "TLS certificate is not trusted" in response.json()["error"]["message"]
+
+
 def test_private_addresses_are_refused_by_default(servers, image_server):
     server = servers["1.2"]    # IMAGE_URL_PRIVATE unset
     image_server.files["/private.png"] = left_right(RED, BLUE)
@@ -409,6 +475,11 @@ def test_ollama_generate_with_images_and_a_bad_one(servers):
     with pytest.raises(ollama.ResponseError) as refused:
         client.generate(model=VL_MODEL, prompt="Describe.", images=[b"GIF89a broken"])
     assert refused.value.status_code == 400 and "image 0" in refused.value.error
+    # base64 of no image format: the decoder's reason, not a data URL's media type
+    with pytest.raises(ollama.ResponseError) as refused:
+        client.generate(model=VL_MODEL, prompt="Describe.", images=[b"plain text here"])
+    assert refused.value.status_code == 400
+    assert "not a JPEG, PNG, WebP or GIF image" in refused.value.error
 
 
 # ------------------------------------------------------------------------ RAG

@@ -22,6 +22,11 @@ WIDTH = 64   # the double's hidden width: it reads each image row as this many f
     "http://127.0.0.1/cat.png", "http://localhost:8080/cat.png", "http://[::1]/cat.png",
     "http://169.254.169.254/latest/meta-data", "http://10.1.2.3/x.png",
     "https://192.168.1.20/x.png", "http://0.0.0.0/x.png", "http://[fe80::1]/x.png",
+    # other spellings of loopback: decimal, octal, IPv4-mapped IPv6, user info in front
+    "http://2130706433/x.png", "http://0177.0.0.1/x.png", "http://[::ffff:127.0.0.1]/x.png",
+    "http://example.org@127.0.0.1/x.png",
+    # IPv6 carrying a private IPv4 (NAT64, 6to4, IPv4-compatible), which Python calls global
+    "http://[64:ff9b::a00:1]/x.png", "http://[2002:c0a8:101::1]/x.png", "http://[::a00:1]/x.png",
 ])
 def test_non_public_addresses_are_refused_unless_allowed(url):
     with pytest.raises(ImageFetchError, match="non-public address"):
@@ -34,6 +39,15 @@ def test_non_public_addresses_are_refused_unless_allowed(url):
 def test_only_http_and_https_urls_are_fetched(url):
     with pytest.raises(ImageFetchError, match="not an http"):
         check_url(url, FetchPolicy(allow_private=True))
+
+
+def test_a_public_address_behind_nat64_is_allowed():
+    assert check_url("http://[64:ff9b::808:808]/x.png", FetchPolicy()) == "64:ff9b::808:808"
+
+
+def test_an_unparseable_url_is_refused_as_such():
+    with pytest.raises(ImageFetchError, match="not a valid URL"):
+        check_url("http://[::1/x.png", FetchPolicy(allow_private=True))
 
 
 def test_the_refusal_does_not_echo_a_query_string():

@@ -235,7 +235,9 @@ def image_part(value, param: str) -> ImagePart:
     mime = next((kind for magic, kind in _MAGIC if head.startswith(magic)), None)
     if mime is None and head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         mime = "image/webp"
-    return ImagePart(f"data:{mime or 'application/octet-stream'};base64,{packed}")
+    # Unknown magic: no media type, so the decoder says what is wrong with the bytes
+    # (not "holds application/octet-stream", about a data URL the client never sent)
+    return ImagePart(f"data:{mime or ''};base64,{packed}")
 
 
 def _images(raw: dict, where: str) -> tuple:
@@ -395,15 +397,20 @@ def parse_generate(body, model_id: str) -> GenerateCall:
 # embeddings
 
 
-def embed_inputs(body: dict, legacy: bool) -> list:
-    """The texts of /api/embed (`input`: a string or a list of strings) or of the
-    legacy /api/embeddings (`prompt`)."""
+def embed_inputs(body: dict, legacy: bool, max_inputs: int) -> list:
+    """The texts of /api/embed (`input`: a string or a list of strings, at most
+    max_inputs = EMBED_MAX_INPUTS of them) or of the legacy /api/embeddings (`prompt`)."""
     if legacy:
         return [optional_str(body, "prompt")]
     value = body.get("input")
     if isinstance(value, str):
         return [value]
     if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        # The same bound as /v1/embeddings: without it one request holds the device
+        # for as many inputs as a body can carry.
+        if len(value) > max_inputs:
+            raise RequestError(f"'input' may hold at most {max_inputs} items "
+                               "(EMBED_MAX_INPUTS)", param="input")
         return value
     raise RequestError("'input' must be a string or a non-empty list of strings",
                        param="input")
