@@ -927,9 +927,24 @@ class RKLLMRuntime:
         if self._turns is not None:
             self.capabilities = replace(self.capabilities, chat_turns=True, counts_tokens=True)
 
+    def turns_prompt_length(self, messages: Sequence, enable_thinking: bool = False,
+                            max_new_tokens: Optional[int] = None) -> int:
+        """Tokens of the prompt a run of these turns sends (oldest turns dropped as
+        hf_template.fitting_tokens does): the engine asks before the run, so a
+        conversation whose newest turn alone does not fit is the client's 400."""
+        return len(self._fitted_turns(messages, enable_thinking, max_new_tokens))
+
+    def _fitted_turns(self, messages: Sequence, enable_thinking: bool,
+                      max_new_tokens: Optional[int]) -> list:
+        from rkllm_api.runtimes.hf_template import fitting_tokens
+        return fitting_tokens(messages,
+                              lambda turns: self._turns.conversation_tokens(turns, enable_thinking),
+                              self.context_length, max_new_tokens or 0)
+
     def _run_turns(self, request: RunRequest, on_event: EventSink) -> RunResult:
         try:
-            tokens = self._turns.conversation_tokens(request.messages, request.enable_thinking)
+            tokens = self._fitted_turns(request.messages, request.enable_thinking,
+                                        request.max_new_tokens)
         except Exception:  # a template that refuses these turns: the text prompt, alone
             log.warning("the chat template refused the conversation; sending it as text",
                         exc_info=True)

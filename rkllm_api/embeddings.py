@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import numpy
 
 from rkllm_api import relevance
-from rkllm_api.errors import model_not_found
+from rkllm_api.errors import RequestError, model_not_found
+from rkllm_api.models import adapters
 from rkllm_api.request import EmbeddingRequest, RerankRequest
 
 SIMILARITY_METHOD = "embedding similarity"
@@ -56,6 +57,7 @@ class EmbeddingService:
         if name:
             info = self.registry.resolve(name)
             if info is None:
+                _refuse_adapter_id(self.registry, name)
                 raise model_not_found(name)
             return info
         configured = self.settings.embedding_model
@@ -71,11 +73,13 @@ class EmbeddingService:
             raise model_not_found("(default)")
         return info
 
-    def embed(self, req: EmbeddingRequest):
-        """engine.embedding.EmbeddingResult for the request."""
+    def embed(self, req: EmbeddingRequest, caller=None):
+        """engine.embedding.EmbeddingResult for the request. caller: the surface's
+        responses.Caller (queue order, and a client that left stops the batch)."""
         info = self.model_for(req.model)
         return self.engine.embed(info.id, req.inputs, dimensions=req.dimensions,
-                                 truncate=req.truncate, request_id=new_request_id("emb"))
+                                 truncate=req.truncate, request_id=new_request_id("emb"),
+                                 **_caller_options(caller))
 
     def scorer_for(self, name):
         """(ModelInfo, method) for a rerank request naming `name` (or None): a named
@@ -99,21 +103,22 @@ class EmbeddingService:
             return chosen, relevance.METHOD
         return self.model_for(None), SIMILARITY_METHOD
 
-    def rerank(self, req: RerankRequest) -> Ranking:
+    def rerank(self, req: RerankRequest, caller=None) -> Ranking:
         info, method = self.scorer_for(req.model)
         if method == relevance.METHOD:
-            return self._judge(info, req)
+            return self._judge(info, req, caller)
         # Long documents are cut rather than refused: one long page must not fail
         # the ranking of all the others.
         result = self.engine.embed(info.id, (req.query,) + tuple(req.documents),
-                                   truncate=True, request_id=new_request_id("rerank"))
+                                   truncate=True, request_id=new_request_id("rerank"),
+                                   **_caller_options(caller))
         vectors = numpy.asarray(result.vectors, dtype=numpy.float64)
         scores = vectors[1:] @ vectors[0]
         return Ranking(result.model.id, SIMILARITY_METHOD,
                        tuple(float(min(1.0, max(-1.0, s))) for s in scores),
                        result.prompt_tokens)
 
-    def _judge(self, info, req: RerankRequest) -> Ranking:
+    def _judge(self, info, req: RerankRequest, caller=None) -> Ranking:
         """Scores from the reranker model: P(yes) for each document (0 to 1). Long
         documents lose their end rather than failing the ranking."""
         instruction = relevance.instruction_for(info)
@@ -121,9 +126,29 @@ class EmbeddingService:
                    for document in req.documents]
         model, rows, tokens = self.engine.next_token_logits(
             info.id, prompts, relevance.choices_for(info), system=relevance.SYSTEM,
-            truncate=True, param="documents", request_id=new_request_id("rerank"))
+            truncate=True, param="documents", request_id=new_request_id("rerank"),
+            **_caller_options(caller))
         return Ranking(model.id, relevance.METHOD,
                        tuple(relevance.score(yes, no) for yes, no in rows), tokens)
+
+
+def _refuse_adapter_id(registry, name: str) -> None:
+    """A `<model>:<adapter>` id from /v1/models names a LoRA adapter: hidden-layer and
+    logits runs take no adapter, so say so (400) rather than "does not exist" (404)
+    for an id the model list shows."""
+    base, adapter = adapters.split_id(name)
+    info = registry.resolve(base) if adapter else None
+    if info is not None and adapters.find(info, adapter) is not None:
+        raise RequestError(f"'{name}' is a LoRA adapter of '{info.id}': embeddings and "
+                           f"reranking take no adapter; use '{info.id}'", param="model",
+                           code="lora_unsupported")
+
+
+def _caller_options(caller) -> dict:
+    """Engine.embed()/next_token_logits() keywords for a responses.Caller (or None)."""
+    if caller is None:
+        return {}
+    return {"arrival": caller.arrival, "client_gone": caller.gone}
 
 
 def new_request_id(prefix: str) -> str:

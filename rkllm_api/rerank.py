@@ -17,8 +17,9 @@ from flask import Blueprint, jsonify
 
 from rkllm_api.embeddings import new_request_id
 from rkllm_api.errors import RequestError
+from rkllm_api.openai.embeddings import refuse_lora
 from rkllm_api.request import RerankRequest
-from rkllm_api.responses import json_body
+from rkllm_api.responses import caller, json_body
 from rkllm_api.server import current_server
 
 blueprint = Blueprint("rerank", __name__)
@@ -55,9 +56,12 @@ def parse_rerank_request(body, max_documents: int) -> RerankRequest:
     if top_n is not None and (not isinstance(top_n, int) or isinstance(top_n, bool)
                               or top_n < 1):
         raise RequestError("'top_n' must be an integer >= 1", param="top_n")
-    return_documents = body.get("return_documents", True)
+    return_documents = body.get("return_documents")
+    if return_documents is None:   # null is the default, as for top_n
+        return_documents = True
     if not isinstance(return_documents, bool):
         raise RequestError("'return_documents' must be a boolean", param="return_documents")
+    refuse_lora(body)
     return RerankRequest(
         model=(model or "").strip() or None, query=query,
         documents=tuple(_document_text(item, i) for i, item in enumerate(documents)),
@@ -80,7 +84,7 @@ def rerank_body(req: RerankRequest, ranking) -> dict:
 def rerank():
     server = current_server()
     req = parse_rerank_request(json_body(), server.settings.embed_max_inputs)
-    return jsonify(rerank_body(req, server.embeddings.rerank(req)))
+    return jsonify(rerank_body(req, server.embeddings.rerank(req, caller())))
 
 
 for _path in ("/v1/rerank", "/rerank", "/v2/rerank"):

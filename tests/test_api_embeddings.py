@@ -7,6 +7,8 @@ from __future__ import annotations
 import base64
 import json
 import os
+import socket
+import time
 
 import numpy
 import openai
@@ -238,3 +240,73 @@ def test_npu_embeddings_and_the_conversation_on_the_double(live_servers, rkllm_d
     assert back.headers["X-RKLLM-KV"] == "resume"
     with pytest.raises(openai.BadRequestError, match="text only"):
         npu_client.embeddings.create(model="fake-npu-model", input=[[1, 2, 3]])
+
+
+# ---- the Ollama surface, the NPU double failing, a client that leaves ------------------
+def test_ollama_embed_keeps_to_embed_max_inputs(server):
+    # /api/embed had no bound: one request held the device for any number of inputs
+    response = server.post("/api/embed", json={"model": MODEL, "input": ["a"] * 7})
+    assert response.status_code == 400
+    assert set(response.json()) == {"error"} and "at most 6" in response.json()["error"]
+
+
+def test_rerank_return_documents_null_is_the_default(server):
+    data = server.post("/v1/rerank", json={"query": "q", "documents": ["a b"],
+                                           "return_documents": None, "top_n": None}).json()
+    assert data["results"][0]["document"] == {"text": "a b"}
+
+
+@pytest.fixture(scope="module")
+def npu(live_servers, rkllm_double_libs):
+    return start_npu_server(live_servers, rkllm_double_libs)
+
+
+def test_the_library_failing_in_an_embedding_run_is_a_500_and_the_next_one_works(npu):
+    first = [{"role": "user", "content": "@@reply:apples@@ hello"}]
+    answer = npu.post("/v1/chat/completions", json={"model": "fake-npu-model",
+                                                    "messages": first}).json()
+    for text in ("@@error:0@@ x", "@@crash:segv@@ x"):
+        for path in ("/v1/embeddings", "/api/embed"):
+            failed = npu.post(path, json={"model": "fake-npu-model", "input": ["ok", text]})
+            assert failed.status_code == 500, failed.text
+            # as for a chat (README "When the runtime crashes"): no signal, no library
+            message = str(failed.json()["error"])
+            assert "SIG" not in message and "rkllm" not in message.lower()
+        works = npu.post("/v1/embeddings", json={"model": "fake-npu-model", "input": "ok"})
+        assert works.status_code == 200 and len(works.json()["data"][0]["embedding"]) == 64
+    assert [c["kind"] for c in npu.record.entries("crash")] == ["segv", "segv"]
+    # the conversation goes on (the runtime that held it died: a full prefill)
+    follow = first + [answer["choices"][0]["message"], {"role": "user", "content": "more"}]
+    back = npu.post("/v1/chat/completions", json={"model": "fake-npu-model", "messages": follow})
+    assert back.status_code == 200 and back.headers["X-RKLLM-KV"] == "full"
+
+
+def _device_busy(server) -> bool:
+    return server.get("/health").json()["devices"]["npu"]["busy"]
+
+
+@pytest.mark.parametrize("path", ["/v1/embeddings", "/v1/rerank"])
+def test_a_client_that_leaves_stops_its_batch(npu, path):
+    # 24 inputs at 150 ms each: the batch stops at the next chunk of 8 once the client
+    # is gone, instead of holding the device for all of them
+    texts = [f"@@prefill:150@@ doc{i}" for i in range(24)]
+    body = ({"model": "fake-npu-model", "input": texts} if path == "/v1/embeddings" else
+            {"model": "fake-npu-model", "query": "q", "documents": texts})
+    before = len(npu.record.entries("hidden_layer"))
+    payload = json.dumps(body).encode()
+    with socket.create_connection(("127.0.0.1", npu.port), timeout=30) as sock:
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+        for _ in range(300):                      # until the batch has begun
+            if len(npu.record.entries("hidden_layer")) > before:
+                break
+            time.sleep(0.02)
+    for _ in range(600):                          # the client is gone: the device frees
+        if not _device_busy(npu):
+            break
+        time.sleep(0.05)
+    assert not _device_busy(npu)
+    runs = len(npu.record.entries("hidden_layer")) - before
+    assert 0 < runs <= 16                        # not all 24 (25 with the query)
+    assert npu.post("/v1/embeddings", json={"model": "fake-npu-model",
+                                            "input": "next"}).status_code == 200

@@ -111,3 +111,20 @@ def test_a_broken_adapter_file_is_a_500_without_paths_and_the_model_still_serves
     assert "broken" in error["message"]
     completion, _ = ask(client, "smol")
     assert completion.choices[0].message.content
+
+
+def test_embeddings_and_rerank_refuse_an_adapter_instead_of_ignoring_it(server):
+    # the id is in /v1/models, so "does not exist" would be wrong; and the `lora` field
+    # used to be dropped without a word, giving the base model's vectors
+    for path, body in (("/v1/embeddings", {"input": "hi"}),
+                       ("/v1/rerank", {"query": "q", "documents": ["a"]})):
+        by_id = server.post(path, json={"model": "smol:pirate", **body})
+        assert by_id.status_code == 400, by_id.text
+        assert by_id.json()["error"]["param"] == "model"
+        assert by_id.json()["error"]["code"] == "lora_unsupported"
+        by_field = server.post(path, json={"model": "smol", "lora": "pirate", **body})
+        assert by_field.status_code == 400, by_field.text
+        assert by_field.json()["error"]["param"] == "lora"
+    assert server.post("/v1/embeddings", json={"model": "smol:sailor",
+                                               "input": "hi"}).status_code == 404
+    assert server.post("/v1/embeddings", json={"model": "smol", "input": "hi"}).status_code == 200

@@ -167,6 +167,8 @@ def test_a_malformed_lora_field_is_a_400(value):
     with pytest.raises(RequestError) as refused:
         protocol.parse_chat_request(body)
     assert refused.value.status == 400
+    assert refused.value.param == ("lora.scale" if isinstance(value, dict) and "scale" in value
+                                   and "name" in value else "lora")
 
 
 def test_an_adapter_file_for_the_other_device_is_not_listed(npu_lora_engine, tmp_path):

@@ -29,15 +29,15 @@ from typing import Optional
 from rkllm_api import vision
 from rkllm_api.engine import embedding, kvcache
 from rkllm_api.engine.errors import (AdapterNotFound, CacheConflict, CacheNotFound,
-                                     CacheTooLarge, EngineError, InvalidWork,
+                                     CacheTooLarge, ClientGone, EngineError, InvalidWork,
                                      ModelLoadFailed, ModelNotFound, ModelUnavailable,
                                      ShuttingDown)
 from rkllm_api.engine.crashes import CrashLog
 from rkllm_api.engine.residency import (Resident, ResidentSet, check_room_beside,
                                         free_domain)
 from rkllm_api.engine.generation import Generation, GenerationJob, StopCause
-from rkllm_api.engine.kv_session import (CacheBase, KvServices, KvSession,
-                                         release_prompt_cache)
+from rkllm_api.engine.kv_session import (CacheBase, KvServices, KvSession, is_built_prompt,
+                                         release_prompt_cache, takes_turns)
 from rkllm_api.engine.observer import EngineObserver, notify
 from rkllm_api.engine.slots import ArrivalOrder, DeviceSlot
 from rkllm_api.models import adapters, sampling, system_templates
@@ -160,6 +160,7 @@ class Engine:
                 raise ShuttingDown()
             if job.run.lora_adapter:
                 self._load_adapter(runtime, model, job.run)
+            self._check_turns_fit(runtime, model, job)
             generation = Generation(self, slot, model, runtime, job, submitted_at=received)
             generation.load_ms = load_ms
             with slot.cond:
@@ -172,6 +173,35 @@ class Engine:
             raise
         log.info("request %s started on %s/%s", job.request_id, slot.device, model.id)
         return generation
+
+    @staticmethod
+    def _check_turns_fit(runtime, model, job: GenerationJob) -> None:
+        """A conversation sent as real turns is windowed on estimates of its text;
+        its exact length is known only to the runtime (the template's markers, text
+        that takes more tokens than the estimate: code, Chinese). One whose newest
+        turn does not fit even so is PromptTooLong (the client's 400) here, before
+        the run, instead of a runtime failure (a 500) after it. The same for the
+        prompt of a completion, where the runtime counts tokens."""
+        built = job.conversation
+        if not is_built_prompt(built):
+            return
+        from rkllm_api.text import prompts
+        completion = not built.turns and not job.use_cache
+        try:
+            if completion and runtime.capabilities.counts_tokens:
+                # A completion's prompt, checked on an estimate too: counted here.
+                tokens = runtime.count_tokens(built.text)
+            elif takes_turns(runtime, job, built):
+                tokens = runtime.turns_prompt_length(built.turns, job.run.enable_thinking,
+                                                     job.run.max_new_tokens)
+            else:
+                return
+        except Exception:   # a template refusing the turns (the run sends text), a crash
+            log.debug("could not count the prompt before the run", exc_info=True)
+            return
+        if tokens is not None and tokens >= model.context_length:
+            raise prompts.PromptTooLong(tokens, model.context_length, False,
+                                        param="prompt" if completion else "messages")
 
     def _load_adapter(self, runtime, model, run) -> None:
         """Make the run's LoRA adapter usable on the runtime (loaded once per adapter,
@@ -191,18 +221,21 @@ class Engine:
 
     # ---- embeddings ----
     def embed(self, model: str, inputs, *, dimensions: Optional[int] = None,
-              truncate: bool = False, request_id: str = "") -> embedding.EmbeddingResult:
+              truncate: bool = False, request_id: str = "", arrival: Optional[int] = None,
+              client_gone=None) -> embedding.EmbeddingResult:
         """Embed each input (a text, or a sequence of token ids where the runtime takes
         them) with a model: its last hidden layer, pooled and L2-normalised once
         (engine/embedding.py), one vector per input, in order. `dimensions` keeps that
         many leading values (normalised again); `truncate` cuts an input longer than
         the runtime takes instead of refusing it.
 
-        Takes the model's device slot like a generation (FIFO, bounded), for the whole
-        batch. The KV cache is left alone where embeddings run in a context of their
-        own (CPU); where they share it (NPU) the conversation is snapshotted and the
-        cache emptied first, as for a standalone turn, so the same input always gives
-        the same vector. Raises ModelNotFound, the queue errors, ModelLoadFailed,
+        Takes the model's device slot like a generation (FIFO by `arrival`, bounded),
+        for the whole batch; `client_gone()` is asked while waiting and between chunks,
+        so a client that left stops its batch (ClientGone) instead of holding the
+        device to the end of it. The KV cache is left alone where embeddings run in a
+        context of their own (CPU); where they share it (NPU) the conversation is
+        snapshotted and the cache emptied first, as for a standalone turn, so the same
+        input always gives the same vector. Raises ModelNotFound, the queue errors, ModelLoadFailed,
         InvalidWork (a 400: nothing to embed, an input too long or not accepted, a
         width above the model's, a model that cannot embed) or EngineError."""
         inputs = list(inputs)
@@ -213,13 +246,13 @@ class Engine:
         if self._stopping:
             raise ShuttingDown()
         info = self._resolve(model)
-        slot = self._acquire(info, f"embed:{request_id or info.id}")
+        slot = self._acquire(info, f"embed:{request_id or info.id}", arrival, client_gone)
         try:
             runtime = self._ensure_loaded(slot, info)
             self._check_embedding_inputs(runtime, info, inputs)
             if runtime.capabilities.embeddings_share_context:
                 slot.kv.clear_for_standalone(runtime)
-            rows = self._hidden_states(runtime, inputs, truncate)
+            rows = self._hidden_states(runtime, inputs, truncate, client_gone)
             pooling = embedding.pooling_for(info, runtime.embedding_pooling)
         finally:
             slot.release()
@@ -246,13 +279,15 @@ class Engine:
             elif not item:
                 raise InvalidWork("an input is an empty token array", f"input[{index}]")
 
-    def _hidden_states(self, runtime, inputs: list, truncate: bool) -> list:
+    def _hidden_states(self, runtime, inputs: list, truncate: bool, client_gone=None) -> list:
         """The runtime's rows for every input, a few inputs per call so a shutdown
-        does not wait for a whole large batch."""
+        or a client that left does not wait for a whole large batch."""
         rows = []
         for start in range(0, len(inputs), EMBED_CHUNK):
             if self._stopping:
                 raise ShuttingDown()
+            if client_gone is not None and start and client_gone():
+                raise ClientGone()
             try:
                 rows += runtime.hidden_states(inputs[start:start + EMBED_CHUNK], truncate)
             except EmbeddingInputError as exc:
@@ -260,29 +295,30 @@ class Engine:
                                   "context_length_exceeded" if exc.too_long else "") from exc
             except Exception as exc:
                 log.exception("embedding failed")
-                raise EngineError(f"embedding failed: {exc}") from exc
+                raise EngineError(_failure_text("embedding", exc)) from exc
         return rows
 
     def next_token_logits(self, model: str, prompts, choices, *, system: str = "",
                           truncate: bool = True, param: str = "input",
-                          request_id: str = "") -> tuple:
+                          request_id: str = "", arrival: Optional[int] = None,
+                          client_gone=None) -> tuple:
         """For each prompt, the logits of each choice as the first token of the model's
         answer (runtime.next_token_logits): returns (ModelInfo, [[float per choice] per
         prompt], prompt tokens or 0 when the runtime cannot count). Reranking by a model.
 
         Held like embed(): the device slot for the whole batch, a few prompts per
-        runtime call (shutdown checked between), and where the runtime scores in the
-        generation context (NPU) the conversation is snapshotted and the cache emptied
-        first, so the next turn resumes from the snapshot and the same prompt always
-        gives the same logits. Refusals are InvalidWork (400; `param` names the request
-        field the prompts came from, "documents" -> "documents[i]")."""
+        runtime call (shutdown and client_gone checked between), and where the runtime
+        scores in the generation context (NPU) the conversation is snapshotted and the
+        cache emptied first, so the next turn resumes from the snapshot and the same
+        prompt always gives the same logits. Refusals are InvalidWork (400; `param`
+        names the request field the prompts came from, "documents" -> "documents[i]")."""
         prompts = list(prompts)
         if not prompts:
             raise InvalidWork("there is nothing to score", param)
         if self._stopping:
             raise ShuttingDown()
         info = self._resolve(model)
-        slot = self._acquire(info, f"logits:{request_id or info.id}")
+        slot = self._acquire(info, f"logits:{request_id or info.id}", arrival, client_gone)
         try:
             runtime = self._ensure_loaded(slot, info)
             capabilities = runtime.capabilities
@@ -301,6 +337,8 @@ class Engine:
             for start in range(0, len(prompts), EMBED_CHUNK):
                 if self._stopping:
                     raise ShuttingDown()
+                if client_gone is not None and start and client_gone():
+                    raise ClientGone()   # as in embed(): the batch stops, the device frees
                 rows += self._logits_chunk(runtime, prompts[start:start + EMBED_CHUNK],
                                            list(choices), system, truncate, param, start)
             counted = ([runtime.count_tokens(p) for p in prompts]
@@ -319,7 +357,7 @@ class Engine:
                               "context_length_exceeded" if exc.too_long else "") from exc
         except Exception as exc:
             log.exception("scoring failed")
-            raise EngineError(f"scoring failed: {exc}") from exc
+            raise EngineError(_failure_text("scoring", exc)) from exc
 
     def _generation_finished(self, slot: DeviceSlot, generation: Generation) -> None:
         with self._active_lock:
@@ -789,3 +827,12 @@ class Engine:
                 self._close_runtime(slot, f"idle for {idle:g} s")
         finally:
             slot.release()
+
+
+def _failure_text(what: str, exc: Exception) -> str:
+    """The client's message for a failed embedding or scoring run. A dead runtime
+    process is told without its signal or exit status, as for a generation (README,
+    "When the runtime crashes"): the log has those."""
+    if isinstance(exc, RuntimeCrashed):
+        return f"{what} failed: the model's runtime stopped; the server log has the details"
+    return f"{what} failed: {exc}"

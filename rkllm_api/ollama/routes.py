@@ -208,7 +208,7 @@ def _embed(legacy: bool) -> dict:
     body = _body()
     name = protocol.model_name(body)
     info = _resolve(name)
-    texts = protocol.embed_inputs(body, legacy)
+    texts = protocol.embed_inputs(body, legacy, current_server().settings.embed_max_inputs)
     dimensions = protocol.dimensions(body)
     truncate = optional_bool(body, "truncate", True)
     alive = protocol.keep_alive(body)
@@ -218,7 +218,9 @@ def _embed(legacy: bool) -> dict:
     resident, loading = info.id in engine.loaded_models(), time.monotonic()
     engine.load(info.id)
     load_seconds = 0.0 if resident else time.monotonic() - loading
-    result = engine.embed(info.id, texts, dimensions=dimensions, truncate=truncate)
+    who = caller()
+    result = engine.embed(info.id, texts, dimensions=dimensions, truncate=truncate,
+                          arrival=who.arrival, client_gone=who.gone)
     _keep_alive(engine, info.id, alive)
     if legacy:
         return {"embedding": result.vectors[0]}

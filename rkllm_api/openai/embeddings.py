@@ -5,7 +5,8 @@ token-id lists; `encoding_format` "float" (default) or "base64" (little-endian
 float32, what the `openai` package asks for by default); `dimensions` keeps that
 many leading values, normalised again (400 above the model's width); `model` may be
 left out (EMBEDDING_MODEL, else an embedding model, else the default model). Unknown
-fields (`user`, Open WebUI's prefix field) are ignored.
+fields (`user`, Open WebUI's prefix field) are ignored; `lora` (and an adapter's
+`<model>:<adapter>` id) is a 400: no adapter applies to embeddings.
 
 Vectors are unit length and rounded to float32, so the float and base64 forms of
 one answer carry exactly the same numbers.
@@ -19,7 +20,7 @@ from flask import Blueprint, jsonify
 
 from rkllm_api.errors import RequestError
 from rkllm_api.request import EmbeddingRequest
-from rkllm_api.responses import json_body
+from rkllm_api.responses import caller, json_body
 from rkllm_api.server import current_server
 
 blueprint = Blueprint("embeddings", __name__)
@@ -94,8 +95,19 @@ def parse_embedding_request(body, max_inputs: int) -> tuple:
     dimensions = body.get("dimensions")
     if dimensions is not None and (not _is_int(dimensions) or dimensions < 1):
         raise RequestError("'dimensions' must be an integer >= 1", param="dimensions")
+    refuse_lora(body)
     return EmbeddingRequest(_model(body), parse_inputs(body["input"], max_inputs),
                             dimensions), encoding
+
+
+def refuse_lora(body: dict) -> None:
+    """The `lora` field of chat requests: a hidden-layer (or logits) run takes no
+    adapter, and vectors from the base model under an adapter's name would be wrong
+    without a word, so it is a 400 (also for /v1/rerank)."""
+    if body.get("lora") is not None:
+        raise RequestError("'lora' applies to chat and completion requests only: "
+                           "embeddings and reranking take no LoRA adapter", param="lora",
+                           code="lora_unsupported")
 
 
 def encode_vector(vector, encoding: str):
@@ -120,7 +132,7 @@ def embeddings_body(result, encoding: str) -> dict:
 def create_embeddings():
     server = current_server()
     req, encoding = parse_embedding_request(json_body(), server.settings.embed_max_inputs)
-    result = server.embeddings.embed(req)
+    result = server.embeddings.embed(req, caller())
     return jsonify(embeddings_body(result, encoding))
 
 

@@ -523,7 +523,11 @@ def parse_lora(body: dict) -> Optional[LoraChoice]:
         return None
     scale = None
     if isinstance(value, dict):
-        scale = _optional_number(value, "scale", 0.0, LORA_MAX_SCALE)
+        try:
+            scale = _optional_number(value, "scale", 0.0, LORA_MAX_SCALE)
+        except RequestError:   # named as the client wrote it, not as a top-level "scale"
+            raise RequestError(f"'lora.scale' must be a number between 0 and "
+                               f"{LORA_MAX_SCALE:g}", param="lora.scale") from None
         value = value.get("name")
     if not isinstance(value, str) or not value.strip() or len(value) > 64:
         raise RequestError("'lora' must name one of the model's LoRA adapters, as a string "

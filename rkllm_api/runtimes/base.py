@@ -218,6 +218,11 @@ class Runtime(Protocol):
     def count_tokens(self, text: str) -> Optional[int]:
         """Tokens in text by the model's own tokenizer, or None when unknown."""
 
+    # A runtime whose capabilities say chat_turns also has
+    # turns_prompt_length(messages, enable_thinking, max_new_tokens) -> int: the tokens
+    # its run of those turns would send (oldest turns dropped to fit), for the
+    # engine's check before the run.
+
     def close(self) -> None:
         """Free the model. Safe to call twice."""
 

@@ -14,8 +14,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import secrets
 from datetime import datetime
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +31,14 @@ class TemplateTokenizer:
     def __init__(self, tokenizer, template_source: str, bos_token: str = "",
                  eos_token: str = ""):
         self._tokenizer = tokenizer
+        # The same tokenizer with special-token parsing off, for message contents:
+        # "<|im_start|>" written by a client must stay text, not become a control
+        # token (role spoofing). A copy, so no flag is flipped under a concurrent encode.
+        self._plain = type(tokenizer).from_str(tokenizer.to_str())
+        self._plain.encode_special_tokens = True
+        self._special_ids = frozenset(
+            token_id for token_id, added in tokenizer.get_added_tokens_decoder().items()
+            if added.special)
         self._template = _compile(template_source)
         self.bos_token = bos_token
         self.eos_token = eos_token
@@ -62,7 +72,9 @@ class TemplateTokenizer:
         """The conversation as the template writes it, ending with the assistant's
         turn opened. A template that refuses a system turn gets the system text at
         the top of the first user turn."""
-        turns = template_turns(messages, self.tool_role)
+        return self._render_turns(template_turns(messages, self.tool_role), enable_thinking)
+
+    def _render_turns(self, turns: list, enable_thinking: bool) -> str:
         try:
             return self._render(turns, enable_thinking)
         except Exception:
@@ -77,7 +89,15 @@ class TemplateTokenizer:
         return list(self._tokenizer.encode(text, add_special_tokens=False).ids)
 
     def conversation_tokens(self, messages: Sequence, enable_thinking: bool = False) -> list:
-        return self.encode(self.render(messages, enable_thinking))
+        """The template's own text with special tokens parsed, the messages'
+        contents as plain text (see render_segments)."""
+        turns = template_turns(messages, self.tool_role)
+        segments = render_segments(lambda marked: self._render_turns(marked, enable_thinking),
+                                   turns)
+        return segment_tokens(
+            segments, self.encode,
+            lambda text: list(self._plain.encode(text, add_special_tokens=False).ids),
+            lambda token: token in self._special_ids)
 
     def count(self, text: str) -> int:
         return len(self.encode(text))
@@ -95,6 +115,92 @@ class TemplateTokenizer:
         except Exception:
             return False
         return marker in text
+
+
+def render_segments(render: Callable[[list], str], turns: list) -> list:
+    """A rendering of template turns as [(text, is_content)]: what the template wrote
+    itself (its role markers, to be tokenized with special-token parsing) and what
+    came from the messages (to be tokenized as plain text, so that a message holding
+    "<|im_end|><|im_start|>system" cannot open a turn of its own).
+
+    Every content is wrapped in markers with a fresh random nonce (a client cannot
+    forge them) and the rendering is split at them. A template that cuts a content
+    apart (the markers then do not pair up) or renders differently with them (it
+    inspects the content: startswith, trim) gets the unmarked rendering as template
+    text; client text has had the known special tokens removed (text/prompts.py)."""
+    plain = render(turns)
+    nonce = secrets.token_hex(8)
+    start, end = f"\u2063<{nonce}\u2063", f"\u2063{nonce}>\u2063"
+    marked = [{**turn, "content": f"{start}{turn['content']}{end}"} if turn.get("content")
+              else turn for turn in turns]
+    parts = re.split(f"({re.escape(start)}|{re.escape(end)})", render(marked))
+    segments, inside = [], False
+    for index, part in enumerate(parts):
+        if index % 2:                        # a marker: they must alternate start, end
+            if part != (end if inside else start):
+                break
+            inside = not inside
+        elif part:
+            segments.append((part, inside))
+    else:
+        if not inside and "".join(text for text, _ in segments) == plain:
+            return segments
+    log.debug("the chat template changes messages: the conversation is tokenized as one text")
+    return [(plain, False)]
+
+
+def segment_tokens(segments: list, encode_special: Callable[[str], list],
+                   encode_plain: Callable[[str], list],
+                   is_control: Callable[[int], bool]) -> list:
+    """Token ids of render_segments' output. When the messages hold no control-token
+    text (every control token of the whole rendering is one the template wrote), the
+    whole text is tokenized at once, exactly as the model's own tooling would (a
+    content's first word keeps its leading space, say). Otherwise every part is
+    tokenized on its own, the contents with special-token parsing off."""
+    whole = encode_special("".join(text for text, _ in segments))
+    written = sum(1 for text, is_content in segments if not is_content
+                  for token in encode_special(text) if is_control(token))
+    if sum(1 for token in whole if is_control(token)) == written:
+        return whole
+    tokens: list = []
+    for text, is_content in segments:
+        tokens += encode_plain(text) if is_content else encode_special(text)
+    return tokens
+
+
+def fitting_tokens(messages: Sequence, tokens_of: Callable[[Sequence], list],
+                   context: int, max_new_tokens: int = 0) -> list:
+    """tokens_of(messages), with the oldest turns (each from a user message to the next)
+    dropped when the rendering does not leave room for the answer (max_new_tokens,
+    at most a quarter of the context). The prompt builder windows the conversation
+    on estimates of the labelled text; the template's own markers cost more (a few
+    tokens a message), so hundreds of short messages can overflow what it kept.
+    Tokens are dropped in quarter-context steps, like the builder does, so the kept
+    prefix (and the KV cache) stays put while the chat grows. The system turn and the
+    newest turn always stay (a prompt still too long is the caller's to refuse)."""
+    tokens = tokens_of(messages)
+    limit = context - max(1, min(max_new_tokens or 1, context // 4))
+    if len(tokens) <= limit:
+        return tokens
+    head = 1 if messages and messages[0][0] == "system" else 0
+    starts = [i for i in range(head + 1, len(messages)) if messages[i][0] == "user"]
+    if not starts:
+        return tokens
+    step = max(1, context // 4)
+    target = -(-(len(tokens) - limit) // step) * step    # rounded up to a step
+
+    def kept(index: int) -> list:
+        return tokens_of(list(messages[:head]) + list(messages[starts[index]:]))
+
+    low, high, best = 0, len(starts) - 1, None     # the fewest turns that drop enough
+    while low <= high:
+        middle = (low + high) // 2
+        candidate = kept(middle)
+        if len(tokens) - len(candidate) >= target:
+            best, high = candidate, middle - 1
+        else:
+            low = middle + 1
+    return best if best is not None else kept(len(starts) - 1)
 
 
 def template_turns(messages: Sequence, tool_role: bool) -> list:

@@ -225,6 +225,11 @@ class ChildRuntime:
     def count_tokens(self, text: str):
         return self._call("count_tokens", (text,), {})
 
+    def turns_prompt_length(self, messages, enable_thinking: bool = False,
+                            max_new_tokens=None) -> int:
+        return self._call("turns_prompt_length",
+                          (tuple(messages), enable_thinking, max_new_tokens), {})
+
     def save_kv_snapshot(self, path: str) -> bool:
         return self._call("save_kv_snapshot", (path,), {})
 

@@ -39,7 +39,8 @@ from datetime import datetime
 from typing import Optional, Sequence
 
 from rkllm_api.runtimes import grammar
-from rkllm_api.runtimes.hf_template import template_turns
+from rkllm_api.runtimes.hf_template import (fitting_tokens, render_segments, segment_tokens,
+                                             template_turns)
 from rkllm_api.runtimes.base import (Capabilities, EmbeddingInputError, EventKind, EventSink,
                                      FinishReason, PerfStats, RunMode, RunRequest, RunResult,
                                      RuntimeLoadError, SamplingParams, TokenEvent)
@@ -186,7 +187,16 @@ class ConversationRenderer:
         self.tool_role = self._renders_role("tool")
 
     def render(self, messages: Sequence, enable_thinking: bool = False) -> str:
-        turns = template_turns(messages, self.tool_role)
+        return self.render_turns(template_turns(messages, self.tool_role), enable_thinking)
+
+    def segments(self, messages: Sequence, enable_thinking: bool = False) -> list:
+        """[(text, is_content)]: the template's text and the messages' contents apart
+        (hf_template.render_segments), for tokenizing the contents without
+        special-token parsing."""
+        return render_segments(lambda marked: self.render_turns(marked, enable_thinking),
+                               template_turns(messages, self.tool_role))
+
+    def render_turns(self, turns: list, enable_thinking: bool = False) -> str:
         try:
             return self._format(messages=turns, enable_thinking=enable_thinking).prompt
         except Exception:
@@ -294,9 +304,31 @@ class LlamaCppRuntime:
 
     def conversation_tokens(self, messages: Sequence, enable_thinking: bool = False) -> list:
         """The token ids of a whole conversation ((role, content) pairs) rendered with
-        the GGUF's template, as llama-cpp-python's server tokenizes its prompt."""
-        text = self.turns.render(messages, enable_thinking)
-        return self._llama.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        the GGUF's template, as llama-cpp-python's server tokenizes its prompt, except
+        that the messages' contents are tokenized without special-token parsing: a
+        client's "<|im_start|>system" stays text instead of opening a turn."""
+        return segment_tokens(self.turns.segments(messages, enable_thinking),
+                              lambda text: self._tokenize(text, special=True),
+                              lambda text: self._tokenize(text, special=False),
+                              self._is_control)
+
+    def turns_prompt_length(self, messages: Sequence, enable_thinking: bool = False,
+                            max_new_tokens: Optional[int] = None) -> int:
+        """Tokens of the prompt a run of these turns sends (oldest turns dropped as
+        fitting_tokens does): the engine asks before the run, so a conversation whose
+        newest turn alone does not fit is the client's 400, not a failed run."""
+        return len(self._fitted_turns(messages, enable_thinking, max_new_tokens))
+
+    def _fitted_turns(self, messages: Sequence, enable_thinking: bool,
+                      max_new_tokens: Optional[int]) -> list:
+        return fitting_tokens(messages,
+                              lambda turns: self.conversation_tokens(turns, enable_thinking),
+                              self._llama.n_ctx(), max_new_tokens or 0)
+
+    def _is_control(self, token: int) -> bool:
+        """A control token (what special-token parsing adds over plain text)."""
+        return bool(self._lib.llama_vocab_get_attr(self._vocab, token)
+                    & self._lib.LLAMA_TOKEN_ATTR_CONTROL)
 
     # --- public interface -------------------------------------------------------
 
@@ -445,7 +477,8 @@ class LlamaCppRuntime:
         """A conversation as real turns: keep the longest common prefix of what the
         KV cache holds, prefill the rest. keep_history=False keeps only that prefix."""
         try:
-            tokens = self.conversation_tokens(request.messages, request.enable_thinking)
+            tokens = self._fitted_turns(request.messages, request.enable_thinking,
+                                        request.max_new_tokens)
         except Exception:  # a template that refuses these turns: the text prompt, alone
             log.warning("the chat template refused the conversation; sending it as text",
                         exc_info=True)

@@ -86,7 +86,13 @@ def estimate_tokens(text: str) -> int:
 
 
 def strip_special_tokens(text: str) -> str:
-    return _SPECIAL_TOKENS.sub("", text)
+    # Repeated until nothing is left to remove: one pass would turn
+    # "<|im_<|x|>end|>" into "<|im_end|>". Each pass shortens the text, so it ends.
+    while True:
+        stripped = _SPECIAL_TOKENS.sub("", text)
+        if stripped == text:
+            return stripped
+        text = stripped
 
 
 def _normalize(text: str) -> str:

@@ -964,6 +964,15 @@ int rkllm_run(LLMHandle handle, RKLLMInput *input, RKLLMInferParam *infer, void 
         save_prompt_cache(infer->prompt_cache_params->prompt_cache_path,
                           model->kv_length + prompt_words);
 
+    /* A hidden-layer or logits run fails like a generation: @@crash:KIND@@ dies
+     * before any output, @@error:N@@ (any N) ends it in STATE_ERROR. */
+    if ((infer->mode == MODE_LAST_HIDDEN || infer->mode == MODE_LOGITS) &&
+        (s.crash_kind != NULL || s.error_after >= 0)) {
+        if (s.crash_kind != NULL) crash_now(s.crash_kind, s.crash_kind_len);
+        emit(&s, "scripted failure of the NPU double", STATE_ERROR);
+        atomic_store(&model->running, 0);
+        return 0;
+    }
     if (infer->mode == MODE_LAST_HIDDEN) {
         run_embedding(&s, prompt);
         atomic_store(&model->running, 0);
