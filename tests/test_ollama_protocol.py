@@ -136,6 +136,13 @@ def test_messages_with_images_tool_calls_and_tool_results():
     assert (first.role, first.name, second.name) == ("tool", "look", "zoom")
 
 
+def test_an_image_given_as_a_data_url_is_kept_whatever_the_schemes_case():
+    for url in (f"data:image/png;base64,{PNG}", f"DATA:image/png;base64,{PNG}"):
+        (image,) = chat(messages=[{"role": "user", "content": "x", "images": [url]}]
+                        ).messages[0].images
+        assert image.url == url
+
+
 @pytest.mark.parametrize("message,param", [
     ({"role": "robot", "content": "x"}, "messages[0].role"),
     ({"role": "user", "content": 5}, "content"),

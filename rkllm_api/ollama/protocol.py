@@ -223,7 +223,7 @@ def image_part(value, param: str) -> ImagePart:
     if not isinstance(value, str) or not value.strip():
         raise RequestError(f"'{param}' must be a base64-encoded image", param=param)
     value = value.strip()
-    if value.startswith("data:"):
+    if value[:5].lower() == "data:":   # a URL scheme: any case (RFC 3986)
         return ImagePart(value)
     packed = "".join(value.split())
     if len(packed) % 4 or not _BASE64.match(packed):
