@@ -928,23 +928,26 @@ class RKLLMRuntime:
             self.capabilities = replace(self.capabilities, chat_turns=True, counts_tokens=True)
 
     def turns_prompt_length(self, messages: Sequence, enable_thinking: bool = False,
-                            max_new_tokens: Optional[int] = None) -> int:
+                            max_new_tokens: Optional[int] = None,
+                            continue_final: bool = False) -> int:
         """Tokens of the prompt a run of these turns sends (oldest turns dropped as
         hf_template.fitting_tokens does): the engine asks before the run, so a
         conversation whose newest turn alone does not fit is the client's 400."""
-        return len(self._fitted_turns(messages, enable_thinking, max_new_tokens))
+        return len(self._fitted_turns(messages, enable_thinking, max_new_tokens,
+                                      continue_final))
 
     def _fitted_turns(self, messages: Sequence, enable_thinking: bool,
-                      max_new_tokens: Optional[int]) -> list:
+                      max_new_tokens: Optional[int], continue_final: bool = False) -> list:
         from rkllm_api.runtimes.hf_template import fitting_tokens
         return fitting_tokens(messages,
-                              lambda turns: self._turns.conversation_tokens(turns, enable_thinking),
+                              lambda turns: self._turns.conversation_tokens(
+                                  turns, enable_thinking, continue_final),
                               self.context_length, max_new_tokens or 0)
 
     def _run_turns(self, request: RunRequest, on_event: EventSink) -> RunResult:
         try:
             tokens = self._fitted_turns(request.messages, request.enable_thinking,
-                                        request.max_new_tokens)
+                                        request.max_new_tokens, request.continue_final)
         except Exception:  # a template that refuses these turns: the text prompt, alone
             log.warning("the chat template refused the conversation; sending it as text",
                         exc_info=True)

@@ -214,7 +214,10 @@ class ChatService:
                          images=images)
         run = with_adapter(run, adapter, req.use_cache)
         generation = self._start(info, run, built, req.use_cache, caller)
-        transforms = self._chat_transforms(info, enable_thinking, tool_spec)
+        # A continued answer (BuiltPrompt.continues) is inside a think block only when
+        # its partial was cut there; otherwise the continuation is content.
+        transforms = self._chat_transforms(
+            info, built.continues_thinking if built.continues else enable_thinking, tool_spec)
         transforms.append(pipeline.CommitAnswer(generation))
         if retrieval.cache_key is not None:
             transforms.append(pipeline.CacheAnswer(self.rag_cache, retrieval.cache_key,

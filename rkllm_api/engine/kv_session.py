@@ -161,7 +161,8 @@ class KvSession:
         holds and prefills the rest, so nothing is cleared here. A snapshot of this
         conversation is restored when the cache holds another one (it may share more
         than the system prompt); the conversation displaced is snapshotted first."""
-        run = replace(job.run, messages=built.turns, prompt=built.text)
+        run = replace(job.run, messages=built.turns, prompt=built.text,
+                      continue_final=built.continues)
         if built.standalone or not job.run.keep_history:
             self._leave(runtime)
             with self.lock:   # the cache keeps a prefix of what it held: no conversation

@@ -193,7 +193,7 @@ class Engine:
                 tokens = runtime.count_tokens(built.text)
             elif takes_turns(runtime, job, built):
                 tokens = runtime.turns_prompt_length(built.turns, job.run.enable_thinking,
-                                                     job.run.max_new_tokens)
+                                                     job.run.max_new_tokens, built.continues)
             else:
                 return
         except Exception:   # a template refusing the turns (the run sends text), a crash
@@ -425,6 +425,10 @@ class Engine:
             raise prompts.PromptTooLong(tokens, info.context_length, True, param="prompt")
         slot = self._acquire(info, f"cache:{info.id}")
         try:
+            # Again under the device slot: a create of the same name queued behind this
+            # one passed the first check too, and would overwrite the file (two 201s,
+            # the first client's cache silently replaced).
+            self._check_cache_room(info, name)
             runtime = self._ensure_loaded(slot, info)
             counted = runtime.count_tokens(prompt)
             if counted is not None:

@@ -107,6 +107,10 @@ class RunRequest:
     # chat template, keeps the longest common prefix of what its KV cache holds and
     # prefills only the rest (`prompt` is then unused). Plain tuples: picklable.
     messages: tuple = ()
+    # The last of `messages` is the assistant's partial answer, to be continued: it is
+    # rendered as an open assistant turn (no end of turn, no generation prompt) and
+    # the run's text is only what follows it (an assistant prefill).
+    continue_final: bool = False
 
 
 @dataclass(frozen=True)
@@ -219,9 +223,9 @@ class Runtime(Protocol):
         """Tokens in text by the model's own tokenizer, or None when unknown."""
 
     # A runtime whose capabilities say chat_turns also has
-    # turns_prompt_length(messages, enable_thinking, max_new_tokens) -> int: the tokens
-    # its run of those turns would send (oldest turns dropped to fit), for the
-    # engine's check before the run.
+    # turns_prompt_length(messages, enable_thinking, max_new_tokens, continue_final)
+    # -> int: the tokens its run of those turns would send (oldest turns dropped to
+    # fit), for the engine's check before the run.
 
     def close(self) -> None:
         """Free the model. Safe to call twice."""

@@ -74,26 +74,30 @@ class TemplateTokenizer:
         the top of the first user turn."""
         return self._render_turns(template_turns(messages, self.tool_role), enable_thinking)
 
-    def _render_turns(self, turns: list, enable_thinking: bool) -> str:
+    def _render_turns(self, turns: list, enable_thinking: bool,
+                      generation_prompt: bool = True) -> str:
         try:
-            return self._render(turns, enable_thinking)
+            return self._render(turns, enable_thinking, generation_prompt)
         except Exception:
             if len(turns) < 2 or turns[0]["role"] != "system":
                 raise
         first = turns[1]
         merged = {**first, "content": f"{turns[0]['content']}\n\n{first['content']}"}
-        return self._render([merged] + turns[2:], enable_thinking)
+        return self._render([merged] + turns[2:], enable_thinking, generation_prompt)
 
     def encode(self, text: str) -> list:
         """Token ids of rendered text (its special tokens are in the text already)."""
         return list(self._tokenizer.encode(text, add_special_tokens=False).ids)
 
-    def conversation_tokens(self, messages: Sequence, enable_thinking: bool = False) -> list:
+    def conversation_tokens(self, messages: Sequence, enable_thinking: bool = False,
+                            continue_final: bool = False) -> list:
         """The template's own text with special tokens parsed, the messages'
-        contents as plain text (see render_segments)."""
+        contents as plain text (see render_segments). continue_final: the last
+        message is a partial answer, left open (RunRequest.continue_final)."""
         turns = template_turns(messages, self.tool_role)
-        segments = render_segments(lambda marked: self._render_turns(marked, enable_thinking),
-                                   turns)
+        segments = render_segments(
+            lambda marked: self._render_turns(marked, enable_thinking, not continue_final),
+            turns, continue_final)
         return segment_tokens(
             segments, self.encode,
             lambda text: list(self._plain.encode(text, add_special_tokens=False).ids),
@@ -102,8 +106,8 @@ class TemplateTokenizer:
     def count(self, text: str) -> int:
         return len(self.encode(text))
 
-    def _render(self, turns: list, enable_thinking: bool) -> str:
-        return self._template.render(messages=turns, add_generation_prompt=True,
+    def _render(self, turns: list, enable_thinking: bool, generation_prompt: bool = True) -> str:
+        return self._template.render(messages=turns, add_generation_prompt=generation_prompt,
                                      enable_thinking=enable_thinking,
                                      bos_token=self.bos_token, eos_token=self.eos_token)
 
@@ -117,7 +121,8 @@ class TemplateTokenizer:
         return marker in text
 
 
-def render_segments(render: Callable[[list], str], turns: list) -> list:
+def render_segments(render: Callable[[list], str], turns: list,
+                    continue_final: bool = False) -> list:
     """A rendering of template turns as [(text, is_content)]: what the template wrote
     itself (its role markers, to be tokenized with special-token parsing) and what
     came from the messages (to be tokenized as plain text, so that a message holding
@@ -127,7 +132,11 @@ def render_segments(render: Callable[[list], str], turns: list) -> list:
     forge them) and the rendering is split at them. A template that cuts a content
     apart (the markers then do not pair up) or renders differently with them (it
     inspects the content: startswith, trim) gets the unmarked rendering as template
-    text; client text has had the known special tokens removed (text/prompts.py)."""
+    text; client text has had the known special tokens removed (text/prompts.py).
+
+    continue_final: the last turn is the assistant's partial answer and render() leaves
+    out the generation prompt; the rendering is cut right after that answer's content
+    (its end-of-turn and anything after it dropped), so the model continues it."""
     plain = render(turns)
     nonce = secrets.token_hex(8)
     start, end = f"\u2063<{nonce}\u2063", f"\u2063{nonce}>\u2063"
@@ -144,9 +153,33 @@ def render_segments(render: Callable[[list], str], turns: list) -> list:
             segments.append((part, inside))
     else:
         if not inside and "".join(text for text, _ in segments) == plain:
-            return segments
+            return cut_after_partial(segments, turns) if continue_final else segments
     log.debug("the chat template changes messages: the conversation is tokenized as one text")
-    return [(plain, False)]
+    return cut_after_partial([(plain, False)], turns) if continue_final else [(plain, False)]
+
+
+def cut_after_partial(segments: list, turns: list) -> list:
+    """render_segments' output ending right after the last turn's content (an
+    assistant's partial answer). With the content markers that is the last content
+    segment, which must be that answer; an unmarked rendering is cut after the
+    answer's last occurrence. ValueError when the template does not write the answer
+    as the last content (it drops or rewrites it): the runtimes then send the text
+    prompt, a new turn."""
+    partial = turns[-1]["content"] if turns and turns[-1]["role"] == "assistant" else ""
+    if not partial:
+        raise ValueError("there is no partial answer to continue")
+    marked = [index for index, (_, is_content) in enumerate(segments) if is_content]
+    if marked:
+        last = marked[-1]
+        if segments[last][0] != partial:
+            raise ValueError("the chat template does not write the partial answer last")
+        return segments[:last + 1]
+    plain = segments[0][0]
+    for text in (partial, partial.rstrip()):   # templates that trim contents
+        at = plain.rfind(text) if text else -1
+        if at >= 0:
+            return [(plain[:at + len(text)], False)]
+    raise ValueError("the chat template does not write the partial answer")
 
 
 def segment_tokens(segments: list, encode_special: Callable[[str], list],

@@ -226,9 +226,9 @@ class ChildRuntime:
         return self._call("count_tokens", (text,), {})
 
     def turns_prompt_length(self, messages, enable_thinking: bool = False,
-                            max_new_tokens=None) -> int:
+                            max_new_tokens=None, continue_final: bool = False) -> int:
         return self._call("turns_prompt_length",
-                          (tuple(messages), enable_thinking, max_new_tokens), {})
+                          (tuple(messages), enable_thinking, max_new_tokens, continue_final), {})
 
     def save_kv_snapshot(self, path: str) -> bool:
         return self._call("save_kv_snapshot", (path,), {})

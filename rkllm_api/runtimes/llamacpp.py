@@ -184,28 +184,37 @@ class ConversationRenderer:
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
         self._format = Jinja2ChatFormatter(template=source, eos_token=eos_token,
                                            bos_token=bos_token)
+        # The same template without the generation prompt, for a conversation that
+        # ends with a partial answer to continue (the formatter fixes the flag).
+        self._format_open = Jinja2ChatFormatter(template=source, eos_token=eos_token,
+                                                bos_token=bos_token,
+                                                add_generation_prompt=False)
         self.tool_role = self._renders_role("tool")
 
     def render(self, messages: Sequence, enable_thinking: bool = False) -> str:
         return self.render_turns(template_turns(messages, self.tool_role), enable_thinking)
 
-    def segments(self, messages: Sequence, enable_thinking: bool = False) -> list:
+    def segments(self, messages: Sequence, enable_thinking: bool = False,
+                 continue_final: bool = False) -> list:
         """[(text, is_content)]: the template's text and the messages' contents apart
         (hf_template.render_segments), for tokenizing the contents without
-        special-token parsing."""
-        return render_segments(lambda marked: self.render_turns(marked, enable_thinking),
-                               template_turns(messages, self.tool_role))
+        special-token parsing. continue_final: the last message is a partial answer,
+        left open (RunRequest.continue_final)."""
+        return render_segments(
+            lambda marked: self.render_turns(marked, enable_thinking, not continue_final),
+            template_turns(messages, self.tool_role), continue_final)
 
-    def render_turns(self, turns: list, enable_thinking: bool = False) -> str:
+    def render_turns(self, turns: list, enable_thinking: bool = False,
+                     generation_prompt: bool = True) -> str:
+        render = self._format if generation_prompt else self._format_open
         try:
-            return self._format(messages=turns, enable_thinking=enable_thinking).prompt
+            return render(messages=turns, enable_thinking=enable_thinking).prompt
         except Exception:
             if len(turns) < 2 or turns[0]["role"] != "system":
                 raise
         system, first = turns[0]["content"], turns[1]
         merged = {**first, "content": f"{system}\n\n{first['content']}"}
-        return self._format(messages=[merged] + turns[2:],
-                            enable_thinking=enable_thinking).prompt
+        return render(messages=[merged] + turns[2:], enable_thinking=enable_thinking).prompt
 
     def _renders_role(self, role: str) -> bool:
         marker = "\u2063PROBE\u2063"
@@ -302,27 +311,32 @@ class LlamaCppRuntime:
             return ""
         return self._llama._model.token_get_text(int(token))
 
-    def conversation_tokens(self, messages: Sequence, enable_thinking: bool = False) -> list:
+    def conversation_tokens(self, messages: Sequence, enable_thinking: bool = False,
+                            continue_final: bool = False) -> list:
         """The token ids of a whole conversation ((role, content) pairs) rendered with
         the GGUF's template, as llama-cpp-python's server tokenizes its prompt, except
         that the messages' contents are tokenized without special-token parsing: a
-        client's "<|im_start|>system" stays text instead of opening a turn."""
-        return segment_tokens(self.turns.segments(messages, enable_thinking),
+        client's "<|im_start|>system" stays text instead of opening a turn.
+        continue_final: the last message is a partial answer, left open."""
+        return segment_tokens(self.turns.segments(messages, enable_thinking, continue_final),
                               lambda text: self._tokenize(text, special=True),
                               lambda text: self._tokenize(text, special=False),
                               self._is_control)
 
     def turns_prompt_length(self, messages: Sequence, enable_thinking: bool = False,
-                            max_new_tokens: Optional[int] = None) -> int:
+                            max_new_tokens: Optional[int] = None,
+                            continue_final: bool = False) -> int:
         """Tokens of the prompt a run of these turns sends (oldest turns dropped as
         fitting_tokens does): the engine asks before the run, so a conversation whose
         newest turn alone does not fit is the client's 400, not a failed run."""
-        return len(self._fitted_turns(messages, enable_thinking, max_new_tokens))
+        return len(self._fitted_turns(messages, enable_thinking, max_new_tokens,
+                                      continue_final))
 
     def _fitted_turns(self, messages: Sequence, enable_thinking: bool,
-                      max_new_tokens: Optional[int]) -> list:
+                      max_new_tokens: Optional[int], continue_final: bool = False) -> list:
         return fitting_tokens(messages,
-                              lambda turns: self.conversation_tokens(turns, enable_thinking),
+                              lambda turns: self.conversation_tokens(turns, enable_thinking,
+                                                                     continue_final),
                               self._llama.n_ctx(), max_new_tokens or 0)
 
     def _is_control(self, token: int) -> bool:
@@ -478,7 +492,7 @@ class LlamaCppRuntime:
         KV cache holds, prefill the rest. keep_history=False keeps only that prefix."""
         try:
             tokens = self._fitted_turns(request.messages, request.enable_thinking,
-                                        request.max_new_tokens)
+                                        request.max_new_tokens, request.continue_final)
         except Exception:  # a template that refuses these turns: the text prompt, alone
             log.warning("the chat template refused the conversation; sending it as text",
                         exc_info=True)

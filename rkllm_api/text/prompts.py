@@ -74,10 +74,22 @@ class BuiltPrompt:
     # The same conversation as real turns for the model's own chat template:
     # ((role, content), ...), the system turn first; () for completions.
     turns: tuple = ()
+    # The conversation ends with the assistant's partial answer (text, not tool
+    # calls), to be continued rather than followed by a new answer: the last of
+    # `turns` is that answer (RunRequest.continue_final). continued_text: the partial
+    # as the client sent it (special tokens removed), which the client extends with
+    # the continuation; continues_thinking: it was cut inside a <think> block.
+    continues: bool = False
+    continued_text: str = ""
+    continues_thinking: bool = False
 
     def key_after_answer(self, content: str, tool_calls: Optional[list] = None) -> tuple:
         """What the KV cache holds once this prompt was answered with content
-        (the content part of the answer) and tool_calls (request.ToolCall, or None)."""
+        (the content part of the answer) and tool_calls (request.ToolCall, or None).
+        A continuation extends the last answer instead of adding one."""
+        if self.continues:
+            return self.full_key[:-1] + (
+                _assistant_entry(self.continued_text + content, tool_calls),)
         return self.full_key + (_assistant_entry(content, tool_calls),)
 
 
@@ -112,6 +124,7 @@ class _Message:
     name: str = ""            # tool: the function whose result this is
     key: tuple = ()           # normalized form for the KV keys
     note: str = ""            # server text after the message (not in its key)
+    partial: bool = False     # assistant: the answer to continue (sent uncapped)
 
 
 class PromptBuilder:
@@ -131,6 +144,7 @@ class PromptBuilder:
         """final_note: a line the server adds after the newest message (tools.
         no_call_note); it is part of the prompt, not of the conversation's keys."""
         parsed = parse_messages(messages)
+        continued, continues_thinking = _take_partial_answer(messages, parsed)
         if final_note and parsed and parsed[-1].role != "system":
             parsed[-1] = replace(parsed[-1], note=final_note)
         system = "\n\n".join(m.text for m in parsed if m.role == "system" and m.text)
@@ -163,7 +177,9 @@ class PromptBuilder:
             tokens_estimated=counter.estimated,
             history_key=history_key,
             full_key=history_key + tuple(m.key for m in tail),
-            dropped_turns=dropped, turns=turns_kept)
+            dropped_turns=dropped, turns=turns_kept,
+            continues=continued is not None, continued_text=continued or "",
+            continues_thinking=continues_thinking)
 
     def _window(self, system: str, groups: list, context_length: int,
                 max_new_tokens: Optional[int], counter: "_Counter") -> tuple:
@@ -207,6 +223,8 @@ class PromptBuilder:
             return _with_note(tools.render_tool_result(message.text, message.name), message.note)
         if message.role != "assistant":
             return _with_note(message.text, message.note)
+        if message.partial:   # continued as it is: a capped text would be another answer
+            return message.text
         text = cap_text(message.text, self._assistant_cap)
         return "\n".join(part for part in (text, message.calls_text) if part)
 
@@ -226,6 +244,25 @@ class PromptBuilder:
                            tail_role="user", prompt_tokens=tokens, tail_tokens=tokens,
                            tokens_estimated=counter.estimated, history_key=(),
                            full_key=key, standalone=True)
+
+
+def _take_partial_answer(messages, parsed: list) -> tuple:
+    """A conversation ending with an assistant message is a partial answer to continue
+    (Ollama, llama.cpp's server and Open WebUI's "Continue Response" send the partial
+    last and append what comes back). (the partial as sent, special tokens removed,
+    or None; whether it ends inside a <think> block). Changes parsed in place: the
+    last message becomes the text to continue; an empty one (no text, no tool calls)
+    is dropped, continuing nothing is a new answer. Tool calls are a finished answer:
+    a new answer follows them, as before."""
+    if len(parsed) < 2 or parsed[-1].role != "assistant" or messages[-1].tool_calls:
+        return None, False
+    sent = strip_special_tokens(messages[-1].text)
+    text, inside = thinking.partial_answer(sent)
+    if not text.strip():
+        parsed.pop()
+        return None, False
+    parsed[-1] = replace(parsed[-1], text=text, partial=True)
+    return sent, inside
 
 
 def _merged(pairs) -> tuple:

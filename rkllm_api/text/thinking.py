@@ -226,6 +226,20 @@ def strip_think(text: str) -> str:
     return split_think(text)[1].strip()
 
 
+def partial_answer(text: str) -> tuple:
+    """(text to continue, inside_think) for an assistant's partial answer that the
+    model is to continue (an assistant prefill). Cut inside a `<think>` block (the
+    rules above): the text as it is, and the continuation starts inside the block.
+    Otherwise its reasoning is left out, as for any earlier answer (an Open WebUI
+    <details> block, a closed <think> block), and the continuation is content."""
+    text = text or ""
+    splitter = ThinkSplitter()
+    splitter.feed(text)
+    if splitter._inside:
+        return text, True
+    return split_think(_REASONING_DETAILS.sub("", text))[1], False
+
+
 # `/think` or `/no_think` as a word of its own (not part of a path like /a/think).
 _SOFT_SWITCH = re.compile(r"(?:(?<=\s)|^)/(no_think|think)(?![\w/-])[ \t]?")
 _SOFT_SWITCH_LINE = re.compile(r"^[ \t]*/(?:no_think|think)[ \t]*\n", re.M)
