@@ -12,7 +12,12 @@ INT32_MAX = 2 ** 31 - 1
 
 
 def is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:   # an integer past any float (400 digits in the JSON): no number
+        return False        # a field can use; isfinite() raised, which made it a 500
 
 
 def is_int(value) -> bool:

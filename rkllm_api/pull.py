@@ -18,8 +18,10 @@ from typing import Iterator, Optional
 
 from flask import Blueprint, Response, current_app, jsonify, stream_with_context
 
-from rkllm_api.errors import RequestError
+from rkllm_api.errors import RequestError, model_not_found
+from rkllm_api.fields import optional_bool
 from rkllm_api.models import hub
+from rkllm_api.ollama.routes import resolve_name
 from rkllm_api.responses import json_body
 from rkllm_api.security import admin_only
 from rkllm_api.server import current_server
@@ -155,13 +157,16 @@ def _public(event: dict) -> dict:
 @ollama_blueprint.post("/api/pull")
 @admin_only
 def ollama_pull():
-    body = json_body()
+    # Any Content-Type, as on the rest of the Ollama surface: `curl -d` (Ollama's own
+    # examples) sends application/x-www-form-urlencoded.
+    body = json_body(any_content_type=True)
     spec = _spec_of(body)
+    stream = optional_bool(body, "stream", True)   # "no" is a 400, not a stream
     if "/" not in spec:   # a bare name: Ollama's "is it here?" answer
-        current_server().chat.resolve_model(spec)
+        resolve_name(spec.strip())   # Ollama's names: "x:latest" too
         return jsonify({"status": "success"})
     job = _start(spec)
-    if body.get("stream", True) is False:
+    if not stream:
         last = list(job.follow())[-1]
         if "error" in last:
             raise RequestError(last["error"], status=last["status_code"], code=last["code"])
@@ -200,8 +205,13 @@ def delete_model(model_id):
         raise RequestError(f"{info.id} is not in the models folder and cannot be removed",
                            status=400, code="model_not_removable")
     server.engine.unload(info.id)   # frees it when loaded; nothing to do otherwise
-    if folder == root:
-        os.remove(path)
-    else:
-        shutil.rmtree(folder)
+    try:
+        if folder == root:
+            os.remove(path)
+        else:
+            shutil.rmtree(folder)
+    except FileNotFoundError:
+        # Removed already (a second DELETE, before the registry's next rescan sees it
+        # gone): the same 404 as once the registry knows.
+        raise model_not_found(model_id) from None
     return jsonify({"id": info.id, "object": "model", "deleted": True})

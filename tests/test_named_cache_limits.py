@@ -4,6 +4,7 @@ is dropped instead of failing requests: 409 "recreate it" when the damage shows
 before the run, a full prefill with X-RKLLM-Cache-Dropped when the runtime refuses
 the file."""
 import os
+import threading
 
 import pytest
 import requests
@@ -54,6 +55,23 @@ def test_count_limit_and_taken_names_are_409(server):
     assert requests.delete(server.url + f"{CACHES}/a", timeout=30).status_code == 200
     assert create(server, "c").status_code == 201
     assert listed(server) == ["b", "c"]
+
+
+def test_two_creates_of_one_name_at_once_keep_one_and_refuse_the_other(server):
+    # The second create queues behind the first's prefill (@@prefill@@ makes it long)
+    # after both found the name free: it must not overwrite the first one's cache.
+    statuses = []
+
+    def make(text):
+        statuses.append(create(server, "same", f"@@prefill:600@@ {text}").status_code)
+
+    threads = [threading.Thread(target=make, args=(text,)) for text in ("one", "two")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert sorted(statuses) == [201, 409]
+    assert listed(server) == ["same"]
 
 
 def test_size_limit_is_413_and_keeps_nothing(live_servers, rkllm_double_libs, tmp_path):

@@ -292,10 +292,17 @@ def test_a_short_keep_alive_expires(client):
     ("/api/chat", {"model": "nope", "messages": [user("x")]}, 404, 'model "nope" not found'),
     ("/api/chat", {"messages": [user("x")]}, 400, "'model' is required"),
     ("/api/chat", {"model": NPU_MODEL_ID, "messages": "hi"}, 400, "'messages' must be a list"),
+    ("/api/chat", {"model": NPU_MODEL_ID, "messages": [user("x"), user([{"text": "y"}])]}, 400,
+     "'messages[1].content' must be a string"),
     ("/api/chat", {"model": NPU_MODEL_ID, "messages": [user("x")], "keep_alive": "soon"}, 400,
      "keep_alive"),
     ("/api/chat", {"model": NPU_MODEL_ID, "messages": [user("x")],
                    "options": {"temperature": "hot"}}, 400, "options.temperature"),
+    # An integer past any float (400 digits): math.isfinite() overflowed, a 500.
+    ("/api/chat", {"model": NPU_MODEL_ID, "messages": [user("x")],
+                   "options": {"temperature": 10 ** 400}}, 400, "options.temperature"),
+    ("/api/chat", {"model": NPU_MODEL_ID, "messages": [], "keep_alive": -10 ** 400}, 400,
+     "keep_alive"),
     ("/api/generate", {"model": NPU_MODEL_ID, "prompt": "x", "suffix": "y"}, 400, "suffix"),
     ("/api/chat", {"model": NPU_MODEL_ID, "messages": [user("x")],
                    "format": {"type": "integer", "minimum": 3}}, 400, "'minimum'"),
@@ -364,6 +371,25 @@ def test_client_raises_the_servers_error(client):
     with pytest.raises(ollama.ResponseError) as refused:
         client.chat(model="missing:7b", messages=[user("x")], stream=False)
     assert refused.value.status_code == 404
+
+
+def test_a_latest_tag_in_any_case_names_the_model(client, server):
+    upper = f"{NPU_MODEL_ID.upper()}:LATEST"
+    reply = client.chat(model=upper, messages=[user("@@reply:ok@@")], stream=False)
+    assert reply.model == upper and reply.message.content == "ok"
+    assert client.show(upper).details.format == "rkllm"
+    # /api/pull of a model that is here: Ollama's "success", whatever the tag's case
+    # (the `ollama` CLI pulls the name it was given, tag included).
+    for name in (TAG, upper):
+        assert client.pull(name).status == "success"
+
+
+def test_model_management_calls_are_refused_in_ollamas_format(client):
+    for call in (lambda: client.delete(TAG), lambda: client.copy(TAG, "other"),
+                 lambda: client.create(model="other", from_=TAG), lambda: client.push(TAG)):
+        with pytest.raises(ollama.ResponseError) as refused:
+            call()
+        assert refused.value.status_code == 404 and "not supported" in refused.value.error
 
 
 # ---- structured output on the NPU: validated, retried once, refused ----------------------

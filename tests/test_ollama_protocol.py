@@ -8,7 +8,8 @@ import pytest
 
 from rkllm_api import pipeline
 from rkllm_api.errors import RequestError
-from rkllm_api.ollama import protocol
+from rkllm_api.models.registry import ModelInfo
+from rkllm_api.ollama import models, protocol
 from rkllm_api.ollama.render import OllamaAnswer, body_of, collect, render_ndjson
 from rkllm_api.request import ChatRequest, CompletionRequest, ImagePart
 
@@ -145,7 +146,7 @@ def test_an_image_given_as_a_data_url_is_kept_whatever_the_schemes_case():
 
 @pytest.mark.parametrize("message,param", [
     ({"role": "robot", "content": "x"}, "messages[0].role"),
-    ({"role": "user", "content": 5}, "content"),
+    ({"role": "user", "content": 5}, "messages[0].content"),
     ({"role": "user", "content": "x", "images": ["not base64!"]}, "messages[0].images[0]"),
     ({"role": "user", "content": "x", "images": "abc"}, "messages[0].images"),
     ({"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": [1]}}]},
@@ -192,6 +193,16 @@ def test_generate_empty_prompt_loads_and_suffix_is_refused():
                    {"model": "m", "prompt": "x", "raw": True, "images": [PNG]}).param == "images"
 
 
+def test_generate_context_is_ignored_but_must_be_token_ids():
+    # The deprecated `context` (token ids of an earlier answer) is accepted and ignored,
+    # as README says; a value of another type is a named 400, not silently dropped.
+    call = protocol.parse_generate({"model": "m", "prompt": "hi", "context": [1, 2, 3]}, "m")
+    assert [m.text for m in call.request.messages] == ["hi"]
+    for value in ("x", [1, "2"], {"a": 1}, [True]):
+        assert refused(lambda b: protocol.parse_generate(b, "m"),
+                       {"model": "m", "prompt": "hi", "context": value}).param == "context"
+
+
 # ---- the answer ---------------------------------------------------------------------------
 
 def events(usage=pipeline.Usage(12, 3, 40.0, 60.0, 500.0), reason="stop", error=None):
@@ -234,3 +245,12 @@ def test_failure_mid_stream_is_an_error_line():
     stream = [pipeline.ContentDelta("a"), pipeline.Failure("runtime died")]
     lines = [line for line in render_ndjson(iter(stream), OllamaAnswer("m", "chat", 0.0)) if line]
     assert json.loads(lines[-1]) == {"error": "runtime died"}
+
+
+def test_show_capabilities_of_an_embedding_model_are_ollamas():
+    def info(*caps):
+        return ModelInfo(id="m", path="m.gguf", folder=".", device="cpu", context_length=512,
+                         capabilities=caps, aliases=(), family="")
+    assert models.capabilities(info("embedding")) == ["embedding"]
+    assert models.capabilities(info("thinking", "vision")) == ["completion", "tools",
+                                                                "thinking", "vision"]

@@ -26,7 +26,7 @@ def test_good_cache_names_pass(name):
 
 
 @pytest.mark.parametrize("name", ["", ".hidden", "..", "../etc", "a/b", "a\\b", "x" * 65,
-                                  "with space", "a..b", None, 5, "é"])
+                                  "with space", "a..b", None, 5, "é", "a\n"])
 def test_bad_cache_names_are_refused(name):
     with pytest.raises(CacheNameError):
         kvcache.check_cache_name(name)

@@ -124,6 +124,21 @@ def test_a_corrupted_file_is_refused_and_leaves_nothing(fake_hub, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_a_listed_path_that_leaves_the_repo_is_never_written(fake_hub, tmp_path):
+    # A hostile HF_ENDPOINT listing "../../x.rkllm": the download would write it beside
+    # (or above) the models root. Such paths are not files of the repo.
+    root = tmp_path / "deep" / "models"
+    root.mkdir(parents=True)
+    fake_hub.repos["evil/escape"] = {"../../escape.rkllm": b"MODEL" * 10,
+                                     "models/../../../tokenizer.json": b"{}"}
+    with pytest.raises(hub.PullError) as refused:
+        pull(fake_hub, root, hub.Board("rk3588"), "evil/escape")
+    assert refused.value.code == "no_model_file"
+    written = [os.path.join(folder, name) for folder, _, names in os.walk(tmp_path)
+               for name in names]
+    assert written == []
+
+
 def test_a_corrupted_small_file_is_refused_by_its_git_blob_id(fake_hub, tmp_path):
     fake_hub.corrupt.add("tokenizer.json")
     with pytest.raises(hub.PullError) as refused:

@@ -100,6 +100,18 @@ def test_malformed_pull_bodies_get_a_400(server, body):
     assert openai_refusal.status_code == 400 and openai_refusal.json()["error"]["message"]
 
 
+def test_ollama_pull_reads_its_body_whatever_the_content_type(server):
+    # `curl http://board:8000/api/pull -d '{...}'` (Ollama's own example) sends
+    # application/x-www-form-urlencoded; the rest of the Ollama surface reads JSON anyway.
+    body = json.dumps({"model": "acme/missing", "stream": False})
+    for headers in ({"Content-Type": "application/x-www-form-urlencoded"}, {}):
+        refused = requests.post(server.url + "/api/pull", data=body, headers=headers, timeout=60)
+        assert refused.status_code == 404 and "acme/missing not found" in refused.json()["error"]
+    wrong = requests.post(server.url + "/api/pull", json={"model": TINY, "stream": "no"},
+                          timeout=30)
+    assert wrong.status_code == 400 and "'stream'" in wrong.json()["error"]
+
+
 def test_a_bare_model_name_is_ollamas_is_it_here_question(server):
     refused = requests.post(server.url + "/api/pull", json={"model": "nothing-here"}, timeout=30)
     assert refused.status_code == 404 and "error" in refused.json()
@@ -110,6 +122,9 @@ def test_delete_removes_a_pulled_model(server):
     assert wait_for_model(server, "tiny-chat")
     deleted = requests.delete(server.url + "/v1/models/tiny-chat", timeout=30)
     assert deleted.json() == {"id": "tiny-chat", "object": "model", "deleted": True}
+    # At once again, before the registry's rescan sees the folder gone: a 404, not a 500.
+    again = requests.delete(server.url + "/v1/models/tiny-chat", timeout=30)
+    assert again.status_code == 404 and again.json()["error"]["code"] == "model_not_found"
     assert not os.path.exists(os.path.join(server.env["RKLLM_MODELS_ROOT"], "tiny-chat"))
     assert wait_for_model(server, "tiny-chat", present=False)
     again = requests.delete(server.url + "/v1/models/tiny-chat", timeout=30)

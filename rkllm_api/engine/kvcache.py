@@ -34,7 +34,8 @@ from rkllm_api.engine.errors import CacheDamaged
 
 log = logging.getLogger(__name__)
 
-CACHE_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$")
+# \Z, not $: "$" also matches before a final newline, and "a\n" is no cache name.
+CACHE_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}\Z")
 SYSTEM_CACHES_PER_MODEL = 4   # older system-prompt caches of a model are deleted
 
 

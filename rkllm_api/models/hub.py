@@ -161,7 +161,8 @@ def list_repo(api, repo: str, endpoint: str) -> list:
     try:
         entries = api.list_repo_tree(repo, recursive=True)
         return [HubFile(e.path, int(e.size or 0), e.lfs.sha256 if e.lfs else "", e.blob_id or "")
-                for e in entries if hasattr(e, "blob_id")]   # files only, not folders
+                for e in entries if hasattr(e, "blob_id")   # files only, not folders
+                and _inside(e.path)]
     except GatedRepoError:
         raise PullError(f"{repo} is gated: accept its terms on the hub, then set HF_TOKEN",
                         status=403, code="repo_gated") from None
@@ -175,6 +176,14 @@ def list_repo(api, repo: str, endpoint: str) -> list:
         raise PullError(f"cannot reach the hub at {endpoint} ({exc.__class__.__name__}): "
                         f"check the network, or HF_ENDPOINT for a mirror",
                         status=502, code="hub_unreachable") from None
+
+
+def _inside(path) -> bool:
+    """A listed path that stays inside the staging folder it is downloaded to. Git
+    trees hold no such path, but a hostile HF_ENDPOINT could list "../../x.rkllm",
+    which the download would write outside the models root."""
+    return isinstance(path, str) and bool(path) and not path.startswith("/") \
+        and "\\" not in path and all(part not in ("", ".", "..") for part in path.split("/"))
 
 
 def file_digest_matches(path: str, item: HubFile) -> bool:

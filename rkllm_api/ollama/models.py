@@ -88,6 +88,8 @@ def tag_entry(info) -> dict:
 
 
 def capabilities(info) -> list:
+    if "embedding" in info.capabilities:   # as Ollama lists an embedding model: no chat
+        return ["embedding"]
     found = ["completion", "tools"]
     if "thinking" in info.capabilities:
         found.append("thinking")

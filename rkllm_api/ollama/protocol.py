@@ -77,7 +77,8 @@ def name_candidates(name: str) -> list:
     candidates = [name]
     base, _, tag = name.partition(":")
     if tag:
-        candidates.append(base if tag == "latest" else f"{base}-{tag}")
+        # Any case: model ids resolve case-insensitively, so "X:LATEST" is "x:latest".
+        candidates.append(base if tag.lower() == "latest" else f"{base}-{tag}")
     return candidates
 
 
@@ -296,15 +297,15 @@ class _CallNames:
 
 def _message(raw, index: int, calls: _CallNames) -> Message:
     where, role = message_role(raw, index, ROLES)
-    content = optional_str(raw, "content")
+    content = optional_str(raw, "content", where)   # errors name messages[i].content
     listed = raw.get("tool_calls") if role == "assistant" else None
     if listed is not None and not isinstance(listed, list):
         raise RequestError(f"'{where}.tool_calls' must be a list", param=f"{where}.tool_calls")
     history_calls = tuple(_history_call(c, i, where) for i, c in enumerate(listed or ()))
     for call in history_calls:
         calls.add(call)
-    name = optional_str(raw, "tool_name") or optional_str(raw, "name")
-    call_id = optional_str(raw, "tool_call_id")
+    name = optional_str(raw, "tool_name", where) or optional_str(raw, "name", where)
+    call_id = optional_str(raw, "tool_call_id", where)
     if role == "tool" and not name:
         name = calls.answered(call_id)
     parts = ((TextPart(content),) if content or not history_calls else ()) + _images(raw, where)
@@ -374,6 +375,10 @@ def parse_generate(body, model_id: str) -> GenerateCall:
     alive = keep_alive(body)
     stream = optional_bool(body, "stream", True)
     optional_str(body, "template")            # checked, not used: the model's template applies
+    context = body.get("context")             # checked, not used (deprecated: send messages)
+    if context is not None and not (isinstance(context, list) and all(is_int(t) for t in context)):
+        raise RequestError("'context' must be a list of token ids (it is ignored: send the "
+                           "conversation as /api/chat messages)", param="context")
     if not prompt and not images:
         return GenerateCall(name, None, alive)
     if optional_bool(body, "raw", False):

@@ -56,7 +56,8 @@ def _body() -> dict:
     return body
 
 
-def _resolve(name: str):
+def resolve_name(name: str):
+    """A model by its Ollama name (protocol.name_candidates); 404 in Ollama's words."""
     registry = current_server().registry
     for candidate in protocol.name_candidates(name):
         info = registry.resolve(candidate)
@@ -90,7 +91,7 @@ def tags():
 
 @blueprint.post("/api/show")
 def show():
-    return jsonify(models.show(_resolve(protocol.model_name(_body()))))
+    return jsonify(models.show(resolve_name(protocol.model_name(_body()))))
 
 
 @blueprint.get("/api/ps")
@@ -116,7 +117,7 @@ def unsupported(rest):
 def chat():
     started = time.monotonic()
     body = _body()
-    info = _resolve(protocol.model_name(body))
+    info = resolve_name(protocol.model_name(body))
     call = protocol.parse_chat(body, info.id)
     answer = OllamaAnswer(call.name, "chat", started)
     if call.request is None:
@@ -129,7 +130,7 @@ def chat():
 def generate():
     started = time.monotonic()
     body = _body()
-    info = _resolve(protocol.model_name(body))
+    info = resolve_name(protocol.model_name(body))
     call = protocol.parse_generate(body, info.id)
     answer = OllamaAnswer(call.name, "generate", started)
     if call.request is None:
@@ -207,7 +208,7 @@ def _embed(legacy: bool) -> dict:
     started = time.monotonic()
     body = _body()
     name = protocol.model_name(body)
-    info = _resolve(name)
+    info = resolve_name(name)
     texts = protocol.embed_inputs(body, legacy, current_server().settings.embed_max_inputs)
     dimensions = protocol.dimensions(body)
     truncate = optional_bool(body, "truncate", True)
