@@ -42,6 +42,10 @@ log = logging.getLogger(__name__)
 # and resized and takes a core for up to a second; with 40 request threads, unbounded
 # preparation would let a burst of image requests exhaust a board's memory.
 PREPARING_AT_ONCE = 2
+# URL fetches at once. Fetching happens before a request takes a preparation slot: a
+# slow or hostile URL (up to IMAGE_URL_TIMEOUT per image) then holds only other URL
+# fetches, never the slots of requests whose images are already here (data URLs).
+FETCHING_AT_ONCE = 4
 IDLE_CHECK_SECONDS = 10.0
 
 
@@ -87,6 +91,7 @@ class VisionService:
         self._cache: OrderedDict = OrderedDict()   # (model id, digest) -> rows
         self._cache_lock = threading.Lock()
         self._preparing = threading.BoundedSemaphore(PREPARING_AT_ONCE)
+        self._fetching = threading.BoundedSemaphore(FETCHING_AT_ONCE)
 
     # -- the chat path -----------------------------------------------------------
 
@@ -104,12 +109,16 @@ class VisionService:
         if not located:
             return VisionInput(with_markers(messages), ())
         self._check_tags(info)
+        # Every image's bytes first, outside the preparation slots (see FETCHING_AT_ONCE);
+        # a bad data URL or URL is refused before an encoder is loaded for it.
+        images = [self._image_bytes(part, m, number)
+                  for number, (m, _, part) in enumerate(located)]
         if not self._preparing.acquire(timeout=self.settings.queue_timeout_seconds):
             raise QueueTimeout("too many requests are preparing images; try again", 5)
         try:
             entry = self._borrow(info)
             try:
-                embeddings, parts = self._embed_all(info, entry, located)
+                embeddings, parts = self._embed_all(info, entry, located, images)
             finally:
                 self._give_back(info, entry)
         finally:
@@ -119,12 +128,11 @@ class VisionService:
                       for m, message in enumerate(messages))
         return VisionInput(with_markers(keyed), tuple(embeddings))
 
-    def _embed_all(self, info, entry: _Loaded, located: list) -> tuple:
+    def _embed_all(self, info, entry: _Loaded, located: list, images: list) -> tuple:
         """([ImageEmbedding], {(message, part): ImagePart with its content digest})."""
         embeddings, parts = [], {}
         spec = entry.spec
-        for number, (m, p, part) in enumerate(located):
-            data = self._image_bytes(part, m, number)
+        for number, ((m, p, part), data) in enumerate(zip(located, images)):
             digest = hashlib.sha256(data).hexdigest()[:16]
             rows = self._rows(info, entry, data, digest, m, number)
             embeddings.append(ImageEmbedding(rows, digest, spec.width, spec.height))
@@ -153,7 +161,12 @@ class VisionService:
             if not self.settings.image_url_fetch:
                 raise image_fetch.ImageFetchError("image URLs are turned off (IMAGE_URL_FETCH); "
                                                   "send the image as a data URL")
-            return image_fetch.fetch_image(url, self.fetch_policy)
+            if not self._fetching.acquire(timeout=self.settings.queue_timeout_seconds):
+                raise QueueTimeout("too many requests are fetching image URLs; try again", 5)
+            try:
+                return image_fetch.fetch_image(url, self.fetch_policy)
+            finally:
+                self._fetching.release()
         except vision.ImageError as exc:
             raise _bad_image(where, number, exc.reason) from None
         except image_fetch.ImageFetchError as exc:

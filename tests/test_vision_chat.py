@@ -14,6 +14,8 @@ import io
 import os
 import shutil
 import subprocess
+import threading
+import time
 
 import ollama
 import openai
@@ -407,6 +409,35 @@ def test_a_server_trickling_its_headers_is_cut_off_at_the_time_limit(servers, im
     response = chat(server, [owui_message("What is it?", image_server.url + "/slow-headers")])
     assert response.status_code == 400, response.text
     assert "took longer than 2 s (IMAGE_URL_TIMEOUT)" in response.json()["error"]["message"]
+
+
+def test_slow_image_urls_never_hold_up_an_image_that_is_already_here(servers, image_server):
+    """URLs are fetched before a request takes one of the PREPARING_AT_ONCE slots: two
+    requests with slow URLs held both slots until IMAGE_URL_TIMEOUT (2 s here) cut
+    them off, and an Open WebUI image sent meanwhile waited for them."""
+    server = servers["1.3"]
+    image_server.files["/held.png"] = left_right(RED, BLUE)
+    slow = image_server.url + "/slow/held.png"
+    answers = {}
+
+    def ask(name):
+        answers[name] = chat(server, [owui_message("What is it?", slow, slow, slow)])
+    holders = [threading.Thread(target=ask, args=(f"slow{i}",)) for i in range(2)]
+    for thread in holders:
+        thread.start()
+    for _ in range(200):   # bounded: until both are fetching
+        if image_server.hits.count("/slow/held.png") >= 2:
+            break
+        time.sleep(0.02)
+    here = chat(server, [owui_message("What is it?", data_url(left_right(GREEN, BLUE)))])
+    still_fetching = [thread.is_alive() for thread in holders]
+    for thread in holders:
+        thread.join(60)
+    assert here.status_code == 200, here.text
+    assert all(still_fetching), "the image that was here waited for the slow URLs"
+    for name in ("slow0", "slow1"):
+        assert answers[name].status_code == 400
+        assert "longer than 2 s" in answers[name].json()["error"]["message"]
 
 
 @pytest.mark.parametrize("url, reason", [
