@@ -285,6 +285,10 @@ def openai_client(live_servers):
 
 
 SMOLLM = "smollm2-135m-instruct"
+# Sampled, but with a fixed seed: now and then the free-running model loops inside a
+# JSON string until the server's repetition guard stops it, and a JSON answer cut
+# there is refused (rightly). A seed keeps the test about the grammar, not about luck.
+SEED = 7
 
 
 @pytest.mark.parametrize("name", ["person", "array_of_objects", "pydantic_style"])
@@ -293,7 +297,8 @@ def test_openai_response_format_json_schema_on_smollm2(openai_client, name):
     reply = openai_client.chat.completions.create(
         model=SMOLLM, messages=[{"role": "user", "content": case["prompt"]}],
         response_format={"type": "json_schema",
-                         "json_schema": {"name": name, "schema": case["schema"], "strict": True}})
+                         "json_schema": {"name": name, "schema": case["schema"], "strict": True}},
+        seed=SEED)
     choice = reply.choices[0]
     assert choice.finish_reason == "stop"
     jsonschema.validate(json.loads(choice.message.content), case["schema"])
@@ -303,7 +308,7 @@ def test_openai_json_mode_streams_live_on_the_cpu(openai_client):
     """The CPU decodes under the grammar: the JSON streams as it is written (many
     deltas), and what arrived is one valid object."""
     stream = openai_client.chat.completions.create(
-        model=SMOLLM, stream=True, response_format={"type": "json_object"},
+        model=SMOLLM, stream=True, response_format={"type": "json_object"}, seed=SEED,
         messages=[{"role": "user", "content": "Describe a cat with a name and an age."}])
     deltas, finish = [], None
     for chunk in stream:
