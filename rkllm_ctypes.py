@@ -920,8 +920,10 @@ class RKLLMRuntime:
     # so it is prefilled again as part of the next prompt. Not verified on hardware.
 
     def _setup_turns(self) -> None:
-        from rkllm_api.runtimes.hf_template import TemplateTokenizer
+        from rkllm_api.runtimes.hf_template import TemplateTokenizer, TurnFitter
         self._turns = TemplateTokenizer.from_folder(os.path.dirname(self.model_path))
+        self._fitter = (TurnFitter(self._turns.conversation_tokens, self.context_length)
+                        if self._turns is not None else None)
         self._held: Optional[list] = []
         self._held_adapter = None
         if self._turns is not None:
@@ -933,21 +935,13 @@ class RKLLMRuntime:
         """Tokens of the prompt a run of these turns sends (oldest turns dropped as
         hf_template.fitting_tokens does): the engine asks before the run, so a
         conversation whose newest turn alone does not fit is the client's 400."""
-        return len(self._fitted_turns(messages, enable_thinking, max_new_tokens,
-                                      continue_final))
-
-    def _fitted_turns(self, messages: Sequence, enable_thinking: bool,
-                      max_new_tokens: Optional[int], continue_final: bool = False) -> list:
-        from rkllm_api.runtimes.hf_template import fitting_tokens
-        return fitting_tokens(messages,
-                              lambda turns: self._turns.conversation_tokens(
-                                  turns, enable_thinking, continue_final),
-                              self.context_length, max_new_tokens or 0)
+        return len(self._fitter.tokens(messages, enable_thinking, max_new_tokens,
+                                       continue_final))
 
     def _run_turns(self, request: RunRequest, on_event: EventSink) -> RunResult:
         try:
-            tokens = self._fitted_turns(request.messages, request.enable_thinking,
-                                        request.max_new_tokens, request.continue_final)
+            tokens = self._fitter.tokens(request.messages, request.enable_thinking,
+                                         request.max_new_tokens, request.continue_final)
         except Exception:  # a template that refuses these turns: the text prompt, alone
             log.warning("the chat template refused the conversation; sending it as text",
                         exc_info=True)

@@ -504,3 +504,21 @@ def test_cpu_prompts_denser_than_the_estimate_are_a_400_naming_the_context(cpu_s
     response = cpu_server.post("/api/generate", json={"model": model, "prompt": text,
                                                       "stream": False})
     assert response.status_code == 400 and "8192" in response.json()["error"]
+
+
+def test_the_length_check_and_the_run_render_a_conversation_once():
+    """TurnFitter keeps the engine's pre-run answer (turns_prompt_length) for the run,
+    taken once: the next request with the same messages renders again."""
+    from rkllm_api.runtimes.hf_template import TurnFitter
+    calls = []
+
+    def conversation_tokens(turns, enable_thinking, continue_final):
+        calls.append((tuple(turns), enable_thinking, continue_final))
+        return list(range(3 * len(turns)))
+    fitter = TurnFitter(conversation_tokens, 4096)
+    turns = (("system", "s"), ("user", "hi"))
+    checked = fitter.tokens(turns, False, 64, False)
+    assert fitter.tokens(turns, False, 64, False) == checked and len(calls) == 1
+    fitter.tokens(turns, False, 64, False)                  # taken once: computed again
+    fitter.tokens(turns, True, 64, False)                   # other arguments: computed
+    assert len(calls) == 3 and calls[-1][1] is True

@@ -236,6 +236,35 @@ def fitting_tokens(messages: Sequence, tokens_of: Callable[[Sequence], list],
     return best if best is not None else kept(len(starts) - 1)
 
 
+class TurnFitter:
+    """The tokens a runtime sends for a conversation of real turns: fitting_tokens over
+    the runtime's conversation_tokens(turns, enable_thinking, continue_final). The
+    engine asks for their length before a run (turns_prompt_length) and the run then
+    asks for the tokens: that answer is kept for the next call, taken once, so a
+    request renders and tokenizes its conversation once, not twice (a date in the
+    template is never carried into a later request). One call at a time, as runtimes
+    are used."""
+
+    def __init__(self, conversation_tokens: Callable[[Sequence, bool, bool], list],
+                 context_length: int):
+        self._conversation_tokens = conversation_tokens
+        self._context_length = context_length
+        self._kept: Optional[tuple] = None   # (arguments, tokens) of the last call
+
+    def tokens(self, messages: Sequence, enable_thinking: bool = False,
+               max_new_tokens: Optional[int] = None, continue_final: bool = False) -> list:
+        key = (tuple(messages), bool(enable_thinking), max_new_tokens or 0, bool(continue_final))
+        kept, self._kept = self._kept, None
+        if kept is not None and kept[0] == key:
+            return list(kept[1])
+        tokens = fitting_tokens(
+            messages, lambda turns: self._conversation_tokens(turns, enable_thinking,
+                                                              continue_final),
+            self._context_length, max_new_tokens or 0)
+        self._kept = (key, tokens)
+        return list(tokens)
+
+
 def template_turns(messages: Sequence, tool_role: bool) -> list:
     """(role, content) pairs as template messages: "tool" becomes "user" where the
     template has no tool turn, and neighbours of the same role are joined (templates

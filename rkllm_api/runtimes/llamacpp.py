@@ -39,7 +39,7 @@ from datetime import datetime
 from typing import Optional, Sequence
 
 from rkllm_api.runtimes import grammar
-from rkllm_api.runtimes.hf_template import (fitting_tokens, render_segments, segment_tokens,
+from rkllm_api.runtimes.hf_template import (TurnFitter, render_segments, segment_tokens,
                                              template_turns)
 from rkllm_api.runtimes.base import (Capabilities, EmbeddingInputError, EventKind, EventSink,
                                      FinishReason, PerfStats, RunMode, RunRequest, RunResult,
@@ -271,6 +271,7 @@ class LlamaCppRuntime:
         self._pieces: dict = {}          # token -> bytes, or None for end-of-generation
         self.template = self._load_template()
         self.turns = self._load_turn_renderer()
+        self._fitter = TurnFitter(self.conversation_tokens, self._llama.n_ctx())
         # Real turns (RunRequest.messages) need the GGUF's template.
         self.capabilities = replace(type(self).capabilities, chat_turns=self.turns is not None)
         self._abort = threading.Event()
@@ -327,17 +328,11 @@ class LlamaCppRuntime:
                             max_new_tokens: Optional[int] = None,
                             continue_final: bool = False) -> int:
         """Tokens of the prompt a run of these turns sends (oldest turns dropped as
-        fitting_tokens does): the engine asks before the run, so a conversation whose
-        newest turn alone does not fit is the client's 400, not a failed run."""
-        return len(self._fitted_turns(messages, enable_thinking, max_new_tokens,
-                                      continue_final))
-
-    def _fitted_turns(self, messages: Sequence, enable_thinking: bool,
-                      max_new_tokens: Optional[int], continue_final: bool = False) -> list:
-        return fitting_tokens(messages,
-                              lambda turns: self.conversation_tokens(turns, enable_thinking,
-                                                                     continue_final),
-                              self._llama.n_ctx(), max_new_tokens or 0)
+        hf_template.fitting_tokens does): the engine asks before the run, so a
+        conversation whose newest turn alone does not fit is the client's 400, not a
+        failed run."""
+        return len(self._fitter.tokens(messages, enable_thinking, max_new_tokens,
+                                       continue_final))
 
     def _is_control(self, token: int) -> bool:
         """A control token (what special-token parsing adds over plain text)."""
@@ -491,8 +486,8 @@ class LlamaCppRuntime:
         """A conversation as real turns: keep the longest common prefix of what the
         KV cache holds, prefill the rest. keep_history=False keeps only that prefix."""
         try:
-            tokens = self._fitted_turns(request.messages, request.enable_thinking,
-                                        request.max_new_tokens, request.continue_final)
+            tokens = self._fitter.tokens(request.messages, request.enable_thinking,
+                                         request.max_new_tokens, request.continue_final)
         except Exception:  # a template that refuses these turns: the text prompt, alone
             log.warning("the chat template refused the conversation; sending it as text",
                         exc_info=True)
