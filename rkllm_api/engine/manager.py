@@ -284,10 +284,7 @@ class Engine:
         or a client that left does not wait for a whole large batch."""
         rows = []
         for start in range(0, len(inputs), EMBED_CHUNK):
-            if self._stopping:
-                raise ShuttingDown()
-            if client_gone is not None and start and client_gone():
-                raise ClientGone()
+            self._between_chunks(start, client_gone)
             try:
                 rows += runtime.hidden_states(inputs[start:start + EMBED_CHUNK], truncate)
             except EmbeddingInputError as exc:
@@ -335,10 +332,7 @@ class Engine:
                 slot.kv.clear_for_standalone(runtime)
             rows = []
             for start in range(0, len(prompts), EMBED_CHUNK):
-                if self._stopping:
-                    raise ShuttingDown()
-                if client_gone is not None and start and client_gone():
-                    raise ClientGone()   # as in embed(): the batch stops, the device frees
+                self._between_chunks(start, client_gone)
                 rows += self._logits_chunk(runtime, prompts[start:start + EMBED_CHUNK],
                                            list(choices), system, truncate, param, start)
             counted = ([runtime.count_tokens(p) for p in prompts]
@@ -346,6 +340,14 @@ class Engine:
         finally:
             slot.release()
         return info, rows, sum(n or 0 for n in counted)
+
+    def _between_chunks(self, start: int, client_gone) -> None:
+        """Before each chunk of an embedding or scoring batch: a shutdown, or a client
+        that left (after the first chunk), ends the batch and frees the device."""
+        if self._stopping:
+            raise ShuttingDown()
+        if client_gone is not None and start and client_gone():
+            raise ClientGone()
 
     @staticmethod
     def _logits_chunk(runtime, prompts, choices, system, truncate, param, start) -> list:
